@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     central_http_timeout_s: float = 10.0
     delivery_backoff_base_s: float = 0.2
     delivery_backoff_cap_s: float = 10.0
+    retry_base_s: float = 5.0
+    retry_cap_s: float = 300.0
 
     # Task defaults
     default_timeout_s: int = 600

@@ -1,0 +1,360 @@
+"""The `eventdispatch` command line. Every command has --help; settings come from
+EVENTDISPATCH_* environment variables or a `.env` file (see eventdispatch/config.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from eventdispatch import logs
+from eventdispatch.client import CommandRejected, EventDispatch
+from eventdispatch.config import Settings
+from projections.queries import TaskSummary
+from projections.reducers import TERMINAL_STATES
+
+app = typer.Typer(
+    help="Event-sourced script dispatch to device fleets, on Apache Pulsar.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+stack_app = typer.Typer(help="Start, stop and inspect the local Pulsar, MongoDB and Redis.")
+script_app = typer.Typer(help="Register scripts that tasks can run.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(script_app, name="script")
+
+out = Console()
+err = Console(stderr=True)
+STATE_ORDER = ("scheduled", "waiting", "locked", "sent", "retrying", *TERMINAL_STATES)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def settings() -> Settings:
+    return Settings()
+
+
+# --- stack -----------------------------------------------------------------------------------
+@stack_app.command("up")
+def stack_up() -> None:
+    """Install what is missing (first run only), start Pulsar, MongoDB/FerretDB and Redis on
+    loopback, and create the tenant, namespace and topics."""
+    from eventdispatch import stack
+
+    stack.up(settings(), log=lambda m: err.print(f"[dim]{m}[/]"))
+    _print_status()
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the services this checkout started (never ones it found running)."""
+    from eventdispatch import stack
+
+    stack.down(settings(), log=lambda m: err.print(f"[dim]{m}[/]"))
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Say which services run where."""
+    _print_status()
+
+
+def _print_status() -> None:
+    from eventdispatch import stack
+
+    table = Table("service", "address", "running", "pid", "detail")
+    for s in stack.status(settings()):
+        running = "[green]yes[/]" if s.running else "[red]no[/]"
+        pid = str(s.pid) if s.pid else ("-" if s.started_by_us else "not ours")
+        table.add_row(s.name, s.address, running, pid, s.detail)
+    out.print(table)
+
+
+# --- service ---------------------------------------------------------------------------------
+@app.command()
+def run(
+    projector: Annotated[
+        bool, typer.Option("--projector/--no-projector", help="Also run the projector.")
+    ] = True,
+) -> None:
+    """Run the service in this process: planner, device processor, timer relay, log bridge and
+    projector. Stops cleanly on Ctrl-C or SIGTERM."""
+    from eventdispatch import admin, worker
+
+    s = settings()
+    logs.setup(s.log_level)
+    admin.provision(s)
+    asyncio.run(worker.run(s, with_projector=projector))
+
+
+@app.command()
+def simulate(
+    port: Annotated[int, typer.Option(help="Port to listen on (loopback).")] = 8700,
+    record: Annotated[
+        Path, typer.Option(help="JSONL file the simulator appends what it saw to.")
+    ] = Path(".stack/simulator.jsonl"),
+    latency_ms: Annotated[
+        str, typer.Option(help="Default run time of a script, MIN:MAX milliseconds.")
+    ] = "5:20",
+    behaviour: Annotated[
+        Path | None,
+        typer.Option(help="JSON/YAML rules per device pattern (see eventdispatch/simulator.py)."),
+    ] = None,
+) -> None:
+    """Run a Central Control simulator: accepts scripts over HTTP, honours Idempotency-Key,
+    publishes log lines to device-logs and records what each device saw."""
+    from eventdispatch import simulator
+
+    s = settings()
+    logs.setup(s.log_level)
+    try:
+        low, _, high = latency_ms.partition(":")
+        latency = (int(low), int(high or low))
+    except ValueError:
+        fail(f"--latency-ms must look like 5:20, got {latency_ms!r}")
+    if behaviour is not None and not behaviour.exists():
+        fail(f"behaviour file {behaviour} does not exist")
+    try:
+        rules = simulator.load_behaviours(behaviour, latency)
+    except (ValueError, TypeError) as e:
+        fail(str(e))
+    sim = simulator.Simulator(s, record, rules)
+    asyncio.run(simulator.serve(sim, "127.0.0.1", port))
+
+
+# --- producer commands -----------------------------------------------------------------------
+@script_app.command("register")
+def script_register(
+    file: Annotated[Path, typer.Argument(help="The script file to register.")],
+    script_id: Annotated[
+        str | None, typer.Option("--id", help="Script id; defaults to the file name's stem.")
+    ] = None,
+    language: Annotated[str, typer.Option(help="sh, bash, python or powershell.")] = "sh",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Register FILE as a new version of a script (the same content keeps its version)."""
+    if not file.is_file():
+        fail(f"{file} is not a file")
+    content = file.read_text()
+    sid = script_id or file.stem.replace("_", "-")
+
+    async def go() -> None:
+        async with EventDispatch(settings()) as ed:
+            info = await ed.register_script(sid, content, language)
+        if as_json:
+            out.print_json(
+                data={"script_id": info.script_id, "version": info.version, "sha256": info.sha256}
+            )
+        else:
+            out.print(
+                f"script [bold]{info.script_id}[/] version {info.version} ({info.sha256[:12]})"
+            )
+
+    _run(go())
+
+
+def _devices(devices: str | None, devices_file: Path | None) -> list[str]:
+    if (devices is None) == (devices_file is None):
+        fail("give the devices with exactly one of --devices a,b,c or --devices-file FILE")
+    if devices_file is not None:
+        if not devices_file.is_file():
+            fail(f"devices file {devices_file} does not exist")
+        items = devices_file.read_text().split()
+    else:
+        items = (devices or "").split(",")
+    return [d.strip() for d in items if d.strip()]
+
+
+@app.command()
+def submit(
+    script: Annotated[str, typer.Option("--script", help="Id of a registered script.")],
+    devices: Annotated[
+        str | None, typer.Option(help="Comma-separated device ids, e.g. dev-1,dev-2.")
+    ] = None,
+    devices_file: Annotated[
+        Path | None, typer.Option(help="File with device ids, separated by spaces or newlines.")
+    ] = None,
+    task_id: Annotated[
+        str | None, typer.Option(help="Task id (idempotency key); a random one by default.")
+    ] = None,
+    version: Annotated[
+        int | None, typer.Option(help="Script version; the latest by default.")
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(help="Start time, ISO-8601 with offset: 2026-12-03T18:00:00+01:00."),
+    ] = None,
+    max_attempts: Annotated[int | None, typer.Option(help="Attempts per device, 1..20.")] = None,
+    timeout: Annotated[int | None, typer.Option(help="Seconds per attempt, 1..86400.")] = None,
+    priority: Annotated[int, typer.Option(help="0..9; higher runs first on a busy device.")] = 0,
+    params: Annotated[str, typer.Option(help="Script parameters as a JSON object.")] = "{}",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for every device to finish.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Ask for SCRIPT to run on a set of devices. Prints the task id once the planner has
+    accepted it; exits 1 with the reason if it was rejected. With --wait, shows progress and
+    exits 0 only if every device succeeded."""
+    device_list = _devices(devices, devices_file)
+    execute_at = None
+    if at is not None:
+        try:
+            execute_at = datetime.fromisoformat(at)
+        except ValueError:
+            fail(f"--at {at!r} is not an ISO-8601 time, e.g. 2026-12-03T18:00:00+00:00")
+        if execute_at.tzinfo is None:
+            fail(f"--at {at!r} has no UTC offset; add one, e.g. {at}+00:00")
+    try:
+        param_obj = json.loads(params)
+    except json.JSONDecodeError as e:
+        fail(f"--params is not JSON: {e}")
+    if not isinstance(param_obj, dict):
+        fail('--params must be a JSON object, e.g. \'{"path": "/var/log"}\'')
+    tid = task_id or f"task-{uuid.uuid4().hex[:12]}"
+
+    async def go() -> int:
+        async with EventDispatch(settings()) as ed:
+            sub = await ed.submit(
+                tid,
+                script,
+                device_list,
+                script_version=version,
+                execute_at=execute_at,
+                max_attempts=max_attempts,
+                timeout_s=timeout,
+                priority=priority,
+                params=param_obj,
+            )
+            summary = await ed.wait_accepted(sub)
+            if not as_json:
+                out.print(f"task [bold]{tid}[/] accepted: {summary.total} devices")
+            if wait:
+                summary = await _wait_with_progress(ed, tid, quiet=as_json)
+            if as_json:
+                out.print_json(data=summary.as_json())
+            elif wait:
+                _print_summary(summary)
+            return 0 if not wait or summary.counts.get("succeeded", 0) == summary.total else 1
+
+    raise typer.Exit(_run(go()))
+
+
+async def _wait_with_progress(ed: EventDispatch, task_id: str, quiet: bool) -> TaskSummary:
+    if quiet:
+        return await ed.wait_done(task_id)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        bar = progress.add_task(task_id, total=None, detail="")
+
+        def update(s: TaskSummary) -> None:
+            detail = " ".join(f"{k}={v}" for k, v in _ordered(s.counts))
+            progress.update(bar, total=s.total, completed=s.ended, detail=detail)
+
+        return await ed.wait_done(task_id, on_progress=update)
+
+
+def _ordered(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(
+        counts.items(), key=lambda kv: STATE_ORDER.index(kv[0]) if kv[0] in STATE_ORDER else 99
+    )
+
+
+def _print_summary(summary: TaskSummary) -> None:
+    t = summary.task
+    table = Table(title=f"task {t['_id']} - script {t['script_id']} v{t['script_version']}")
+    table.add_column("state")
+    table.add_column("executions", justify="right")
+    for state, n in _ordered(summary.counts):
+        table.add_row(state, str(n))
+    pending = summary.total - sum(summary.counts.values())
+    if pending:
+        table.add_row("not yet created", str(pending))
+    table.add_row("[bold]total[/]", f"[bold]{summary.total}[/]")
+    out.print(table)
+
+
+@app.command()
+def status(
+    task_id: Annotated[str, typer.Argument(help="The task to show.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a task and how many of its devices are in each state (from the projections)."""
+
+    async def go() -> int:
+        async with EventDispatch(settings()) as ed:
+            summary = await ed.status(task_id)
+        if summary is None:
+            fail(
+                f"no task {task_id!r} in the projections (rejected, mistyped, or not yet projected)"
+            )
+        if as_json:
+            out.print_json(data=summary.as_json())
+        else:
+            _print_summary(summary)
+        return 0
+
+    raise typer.Exit(_run(go()))
+
+
+@app.command()
+def cancel(
+    task_id: Annotated[str, typer.Argument(help="The task to cancel.")],
+    devices: Annotated[
+        str | None, typer.Option(help="Only these devices (comma-separated); all by default.")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why; stored with each Canceled event.")] = "",
+) -> None:
+    """Cancel a task's executions that have not ended; running attempts are stopped."""
+    device_list = [d for d in devices.split(",") if d] if devices else None
+
+    async def go() -> int:
+        async with EventDispatch(settings()) as ed:
+            command_id = await ed.cancel(task_id, device_list, reason)
+        out.print(f"cancel requested for task [bold]{task_id}[/] (command {command_id})")
+        return 0
+
+    raise typer.Exit(_run(go()))
+
+
+def _run(coro: Any) -> Any:
+    """Run a client coroutine, turning the errors a user can act on into one clear line."""
+    try:
+        return asyncio.run(coro)
+    except CommandRejected as e:
+        fail(f"rejected: {e.code}: {e.reason}")
+    except TimeoutError as e:
+        fail(str(e), code=2)
+    except Exception as e:  # connection trouble: say what and where, not a traceback
+        name = type(e).__name__
+        if "Pulsar" in name or "ServerSelection" in name or "Connect" in name:
+            hint = "is the stack up? (eventdispatch stack status)"
+            fail(f"cannot reach a service ({name}: {e}); {hint}")
+        raise
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The device processor: the shell around the decider.
+
+Devices run concurrently; one device's inputs run strictly one after another, in the order the
+Key_Shared subscription hands them over. Per input:
+    decide -> publish events (await) -> publish timers (await) -> save state with the input's
+    position -> call Central Control (feeding the answer back into the decider) -> acknowledge.
+Nothing on device-inbox is ever negatively acknowledged (redelivery would reorder the device):
+failures are retried in place, and only an undecodable message goes to the dead-letter topic.
+A redelivered input whose position the state has seen is skipped, after finishing whatever its
+first processing may have left undone (`pending_effects`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TypeVar
+
+import pulsar
+import pulsar.asyncio
+from pulsar import ConsumerType
+
+from eventdispatch import wire
+from eventdispatch.bus import Bus, MessageKey, Outgoing, position, publish, receive_until
+from eventdispatch.central import CentralControl
+from eventdispatch.decider import (
+    Decision,
+    Deliver,
+    DeviceState,
+    Effect,
+    RetryPolicy,
+    StartTimer,
+    StopAttempt,
+    decide,
+    pending_effects,
+)
+from eventdispatch.device_store import DeviceStore
+from eventdispatch.events import Event, exec_id
+from eventdispatch.inputs import Delivery, DeliveryOutcome, Input
+from eventdispatch.registry import Registry
+from eventdispatch.retry import retry_in_place
+
+log = logging.getLogger("eventdispatch.processor")
+T = TypeVar("T")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class DeviceProcessor:
+    def __init__(
+        self,
+        bus: Bus,
+        store: DeviceStore,
+        registry: Registry,
+        central: CentralControl,
+        policy: RetryPolicy,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.registry = registry
+        self.central = central
+        self.policy = policy
+        self._queues: dict[str, deque[pulsar.Message]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        consumer = await self.bus.consumer(
+            "device-inbox", "device-processor", ConsumerType.KeyShared
+        )
+        self.events = await self.bus.producer("events")
+        self.timers = await self.bus.producer("timers")
+        self.consumer = consumer
+        try:
+            while (msg := await receive_until(consumer, stop)) is not None:
+                self._route(msg)
+            if self._tasks:  # drain: finish what each device has already received
+                await asyncio.gather(*self._tasks)
+        finally:
+            await consumer.close()
+            await self.events.flush()
+            await self.timers.flush()
+
+    def _route(self, msg: pulsar.Message) -> None:
+        device = msg.partition_key()
+        queue = self._queues.get(device)
+        if queue is not None:
+            queue.append(msg)
+            return
+        self._queues[device] = deque([msg])
+        task = asyncio.create_task(self._device_loop(device))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _device_loop(self, device: str) -> None:
+        queue = self._queues[device]
+        try:
+            while queue:
+                await self._handle(queue[0])
+                queue.popleft()
+        finally:
+            del self._queues[device]
+
+    async def _handle(self, msg: pulsar.Message) -> None:
+        try:
+            device_id, inp = wire.input_from_record(msg.value())
+        except Exception as e:
+            await self.bus.dead_letter("device-inbox", msg, f"undecodable: {e}")
+            await self.consumer.acknowledge(msg)
+            return
+        where = position(msg)
+        state, last = await retry_in_place("load state", lambda: self.store.load(device_id))
+        if last is not None and where <= last:
+            await self._run_effects(state, pending_effects(state), last)
+        else:
+            decision = decide(state, inp, now_ms(), self.policy)
+            state = await self._commit(decision, where)
+            await self._run_effects(state, decision.effects, where)
+        await self.consumer.acknowledge(msg)
+
+    async def _commit(self, decision: Decision, where: MessageKey) -> DeviceState:
+        """Make a decision durable: its events, its timers, then the state that follows."""
+        state = decision.state
+        if decision.events:
+            await retry_in_place(
+                "publish events", lambda: publish(self.events, _outgoing(decision.events))
+            )
+        timers = [
+            Outgoing(_timer_record(state.device_id, e), state.device_id, e.due_at_ms)
+            for e in decision.effects
+            if isinstance(e, StartTimer)
+        ]
+        if timers:
+            await retry_in_place("publish timers", lambda: publish(self.timers, timers))
+        if decision.events:
+            await retry_in_place("save state", lambda: self.store.save(state, where))
+        return state
+
+    async def _run_effects(
+        self, state: DeviceState, effects: tuple[Effect, ...], where: MessageKey
+    ) -> DeviceState:
+        """Carry out the HTTP effects; an answer is a new input, decided and committed at once."""
+        work = list(effects)
+        while work:
+            effect = work.pop(0)
+            outcome: Input
+            if isinstance(effect, Deliver):
+                outcome = await self._deliver(state.device_id, effect)
+            elif isinstance(effect, StopAttempt):
+                await self.central.stop(
+                    state.device_id, exec_id(effect.task_id, state.device_id, effect.attempt)
+                )
+                continue
+            else:
+                continue  # timers were published in _commit
+            decision = decide(state, outcome, now_ms(), self.policy)
+            state = await self._commit(decision, where)
+            work.extend(e for e in decision.effects if not isinstance(e, StartTimer))
+        return state
+
+    async def _deliver(self, device_id: str, effect: Deliver) -> DeliveryOutcome:
+        key = exec_id(effect.task_id, device_id, effect.attempt)
+        script = await retry_in_place(
+            "load script", lambda: self.registry.script(effect.script_id, effect.script_version)
+        )
+        if script is None:
+            return DeliveryOutcome(
+                effect.task_id,
+                effect.attempt,
+                Delivery.REFUSED,
+                "script version not in the registry",
+            )
+        await retry_in_place("mark delivery", lambda: self.store.mark_delivery(key))
+        result, detail = await self.central.deliver(
+            device_id, key, script, effect.params_json, effect.timeout_s
+        )
+        return DeliveryOutcome(effect.task_id, effect.attempt, result, detail)
+
+
+def _outgoing(events: tuple[Event, ...]) -> list[Outgoing]:
+    return [Outgoing(wire.event_to_record(e), e.device_id or "") for e in events]
+
+
+def _timer_record(device_id: str, timer: StartTimer) -> wire.Record:
+    return {
+        "timer_id": f"{device_id}:{timer.task_id}:{timer.kind}:{timer.attempt}:{timer.due_at_ms}",
+        "device_id": device_id,
+        "kind": str(timer.kind),
+        "task_id": timer.task_id,
+        "attempt": timer.attempt,
+        "due_at_ms": timer.due_at_ms,
+    }

@@ -1,0 +1,53 @@
+"""The timer relay: forwards each due timer from `timers` into `device-inbox`.
+
+Timers live on a topic of their own because delayed messages inside a Key_Shared subscription
+stall the dispatch of other keys (Pulsar issues 8703 and 15397); device-inbox never holds a
+delayed message. The broker delivers a timer at its due time (strict deliver-at); the relay
+still checks, and never forwards a timer early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pulsar
+from pulsar import ConsumerType
+
+from eventdispatch import wire
+from eventdispatch.bus import Bus, Outgoing, publish, receive_until
+from eventdispatch.inputs import TimerFired
+from eventdispatch.retry import retry_in_place
+
+log = logging.getLogger("eventdispatch.timers")
+
+
+class TimerRelay:
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def run(self, stop: asyncio.Event) -> None:
+        consumer = await self.bus.consumer("timers", "timer-relay", ConsumerType.Shared)
+        inbox = await self.bus.producer("device-inbox")
+        try:
+            while (msg := await receive_until(consumer, stop)) is not None:
+                await self._forward(msg, inbox)
+                await consumer.acknowledge(msg)
+        finally:
+            await consumer.close()
+            await inbox.flush()
+
+    async def _forward(self, msg: pulsar.Message, inbox: pulsar.asyncio.Producer) -> None:
+        try:
+            t = msg.value()
+            fired = TimerFired(t["kind"], t["task_id"], t["attempt"], t["due_at_ms"])
+            device, timer_id = str(t["device_id"]), str(t["timer_id"])
+        except Exception as e:
+            await self.bus.dead_letter("timers", msg, f"undecodable: {e}")
+            return
+        early_s = (fired.due_at_ms - time.time() * 1000) / 1000
+        if early_s > 0:
+            await asyncio.sleep(early_s)
+        record = wire.input_to_record(timer_id, device, int(time.time() * 1000), fired)
+        await retry_in_place("forward timer", lambda: publish(inbox, [Outgoing(record, device)]))
