@@ -71,7 +71,9 @@ def test_accepted_then_success_ends_the_execution() -> None:
 
 
 def test_second_task_waits_for_the_first() -> None:
-    s, _ = run(DeviceState(DEV), (enqueue("t1"), 1), (DeliveryOutcome("t1", 1, Delivery.ACCEPTED), 2))
+    s, _ = run(
+        DeviceState(DEV), (enqueue("t1"), 1), (DeliveryOutcome("t1", 1, Delivery.ACCEPTED), 2)
+    )
     d = decide(s, enqueue("t2"), 3, POLICY)
     assert types(d) == ["Created"]
     d = decide(d.state, ResultReported(exec_id("t1", DEV, 1), "SUCCESS", ""), 4, POLICY)
@@ -99,7 +101,9 @@ def test_error_retries_after_backoff_then_fails_with_last_error() -> None:
 
 
 def test_timeout_then_retry() -> None:
-    s, _ = run(DeviceState(DEV), (enqueue("t1"), 0), (DeliveryOutcome("t1", 1, Delivery.ACCEPTED), 0))
+    s, _ = run(
+        DeviceState(DEV), (enqueue("t1"), 0), (DeliveryOutcome("t1", 1, Delivery.ACCEPTED), 0)
+    )
     d = decide(s, TimerFired("TimeoutAt", "t1", 1, 60_000), 60_000, POLICY)
     assert types(d) == ["TimedOut", "Retrying"]
 
@@ -131,7 +135,9 @@ def test_a_time_in_the_past_starts_now() -> None:
 
 
 def test_cancel_a_sent_attempt_stops_it_and_a_late_result_changes_nothing() -> None:
-    s, _ = run(DeviceState(DEV), (enqueue("t1"), 0), (DeliveryOutcome("t1", 1, Delivery.ACCEPTED), 0))
+    s, _ = run(
+        DeviceState(DEV), (enqueue("t1"), 0), (DeliveryOutcome("t1", 1, Delivery.ACCEPTED), 0)
+    )
     d = decide(s, CancelRequested("t1", "operator"), 5, POLICY)
     assert types(d) == ["Canceled"]
     assert d.effects == (StopAttempt("t1", 1),)
@@ -211,11 +217,19 @@ class World:
 
 
 ops = st.one_of(
-    st.tuples(st.just("enqueue"), st.integers(0, 5), st.sampled_from([None, 0, 3_000, 20_000]),
-              st.integers(1, 3), st.integers(0, 1)),
+    st.tuples(
+        st.just("enqueue"),
+        st.integers(0, 5),
+        st.sampled_from([None, 0, 3_000, 20_000]),
+        st.integers(1, 3),
+        st.integers(0, 1),
+    ),
     st.tuples(st.just("deliver"), st.sampled_from(list(Delivery))),
-    st.tuples(st.just("result"), st.sampled_from(["SUCCESS", "ERROR", "SYSTEM_ERROR", "INFO"]),
-              st.integers(-1, 1)),
+    st.tuples(
+        st.just("result"),
+        st.sampled_from(["SUCCESS", "ERROR", "SYSTEM_ERROR", "INFO"]),
+        st.integers(-1, 1),
+    ),
     st.tuples(st.just("cancel"), st.integers(0, 5)),
     st.tuples(st.just("advance"), st.integers(1, 30_000)),
     st.tuples(st.just("early"), st.integers(0, 5)),
@@ -306,8 +320,11 @@ def check_invariants(world: World) -> None:
     assert all(len(v) == 1 for v in terminal.values()), terminal
     # I6: immediate executions of one priority start in the order they were accepted
     for prio in (0, 1):
-        immediate = [t for t in created if world.enqueued[t].execute_at_ms is None
-                     and world.enqueued[t].priority == prio]
+        immediate = [
+            t
+            for t in created
+            if world.enqueued[t].execute_at_ms is None and world.enqueued[t].priority == prio
+        ]
         started = [t for t in first_lock if t in immediate]
         assert started == [t for t in immediate if t in started]
 

@@ -1,0 +1,221 @@
+"""Integration fixtures: the real Pulsar, MongoDB-compatible store and Redis (started by
+`make test` through `eventdispatch stack up`), a fresh namespace, database and Redis prefix per
+test session, and the service and the Central Control simulator as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from eventdispatch import admin
+from eventdispatch.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+BEHAVIOUR = [
+    {"devices": "unknown-*", "status": 404},
+    {"devices": "refuse-*", "status": 422},
+    {"devices": "flaky-*", "error_rate": 0.5},
+    {"devices": "fail-then-ok-*", "outcomes": ["ERROR", "SUCCESS"]},
+    {"devices": "always-fail-*", "outcomes": ["ERROR"]},
+    {"devices": "silent-*", "outcomes": ["SILENT"]},
+    {"devices": "slow-*", "latency_ms": [300, 400]},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        EVENTDISPATCH_NAMESPACE=settings.namespace,
+        EVENTDISPATCH_MONGO_DB=settings.mongo_db,
+        EVENTDISPATCH_REDIS_PREFIX=settings.redis_prefix,
+        EVENTDISPATCH_CENTRAL_URL=settings.central_url,
+        EVENTDISPATCH_RETRY_BASE_S=str(settings.retry_base_s),
+        EVENTDISPATCH_RETRY_CAP_S=str(settings.retry_cap_s),
+        EVENTDISPATCH_DELIVERY_BACKOFF_BASE_S=str(settings.delivery_backoff_base_s),
+        EVENTDISPATCH_DELIVERY_BACKOFF_CAP_S=str(settings.delivery_backoff_cap_s),
+    )
+    return env
+
+
+class Service:
+    """A subprocess whose output goes to a file, kept for the failure report."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.argv = argv
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=log, cwd=ROOT)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        if self.proc is None:
+            return None
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def wait_for_log(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log_path.exists() and text in self.log_path.read_text(errors="replace"):
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not log {text!r}; see {self.log_path}:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    s = Settings(
+        namespace=ns,
+        mongo_db=f"test_{ns.replace('-', '_')}",
+        redis_prefix=ns,
+        central_url=f"http://127.0.0.1:{_free_port()}",
+        retry_base_s=0.2,
+        retry_cap_s=1.0,
+        delivery_backoff_base_s=0.05,
+        delivery_backoff_cap_s=0.5,
+    )
+    try:
+        admin.provision(s)
+    except Exception as e:
+        pytest.exit(f"the stack is not reachable ({e}); run `eventdispatch stack up` first", 3)
+    yield s
+    import pymongo
+
+    pymongo.MongoClient(s.mongo_url).drop_database(s.mongo_db)
+    r = redis.Redis.from_url(s.redis_url)
+    keys = list(r.scan_iter(f"{s.redis_prefix}:*", count=1000))
+    for i in range(0, len(keys), 1000):
+        r.delete(*keys[i : i + 1000])
+    admin.delete_namespace(s)
+
+
+@pytest.fixture(scope="session")
+def sim_record(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sim") / "record.jsonl"
+
+
+@pytest.fixture(scope="session")
+def simulator(
+    settings: Settings, sim_record: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    logs = tmp_path_factory.mktemp("logs")
+    behaviour = logs / "behaviour.json"
+    behaviour.write_text(json.dumps(BEHAVIOUR))
+    port = settings.central_url.rsplit(":", 1)[1]
+    sim = Service(
+        "simulator",
+        [
+            sys.executable,
+            "-m",
+            "eventdispatch.cli",
+            "simulate",
+            "--port",
+            port,
+            "--record",
+            str(sim_record),
+            "--behaviour",
+            str(behaviour),
+            "--latency-ms",
+            "5:20",
+        ],
+        _env(settings),
+        logs,
+    )
+    sim.start()
+    sim.wait_for_log("simulator record")
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture(scope="session")
+def service(
+    settings: Settings, simulator: Service, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    svc = Service(
+        "service",
+        [sys.executable, "-m", "eventdispatch.cli", "run"],
+        _env(settings),
+        tmp_path_factory.mktemp("service"),
+    )
+    svc.start()
+    svc.wait_for_log("worker started")
+    yield svc
+    code = svc.stop()
+    assert code == 0, f"the service did not drain cleanly (exit {code}):\n{svc.tail()}"
+
+
+def read_record(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def read_log(settings: Settings, topic: str = "events") -> list[dict[str, Any]]:
+    """Every record on a topic, decoded with the schema registered on the broker (not ours)."""
+    import io
+
+    import fastavro
+    import pulsar
+    import pulsar.asyncio
+
+    registered = admin.schema_of(settings, topic)
+    assert registered is not None, f"no schema registered for {topic}"
+    parsed = fastavro.parse_schema(registered)
+    client = pulsar.asyncio.Client(settings.pulsar_url)
+    try:
+        reader = await client.create_reader(settings.topic(topic), pulsar.MessageId.earliest)
+        out: list[dict[str, Any]] = []
+        while await reader.has_message_available():
+            msg = await reader.read_next()
+            record = fastavro.schemaless_reader(io.BytesIO(msg.data()), parsed, None)
+            assert isinstance(record, dict)
+            out.append(record)
+        await reader.close()
+        return out
+    finally:
+        await client.close()
+
+
+def cli(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real command line, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "eventdispatch.cli", *args],
+        env=_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
