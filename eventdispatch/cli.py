@@ -100,8 +100,22 @@ def run(
 
 
 @app.command()
+def project() -> None:
+    """Run only the projector: keep the MongoDB read models current from the log."""
+    from eventdispatch import admin, worker
+
+    s = settings()
+    logs.setup(s.log_level)
+    admin.provision(s)
+    asyncio.run(worker.run_projector(s))
+
+
+@app.command()
 def simulate(
-    port: Annotated[int, typer.Option(help="Port to listen on (loopback).")] = 8700,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8700,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; loopback unless in a container.")
+    ] = "127.0.0.1",
     record: Annotated[
         Path, typer.Option(help="JSONL file the simulator appends what it saw to.")
     ] = Path(".stack/simulator.jsonl"),
@@ -131,7 +145,7 @@ def simulate(
     except (ValueError, TypeError) as e:
         fail(str(e))
     sim = simulator.Simulator(s, record, rules)
-    asyncio.run(simulator.serve(sim, "127.0.0.1", port))
+    asyncio.run(simulator.serve(sim, host, port))
 
 
 # --- producer commands -----------------------------------------------------------------------

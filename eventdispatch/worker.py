@@ -26,12 +26,33 @@ from projections.store import ProjectionStore, connect
 log = logging.getLogger("eventdispatch.worker")
 
 
-async def run(settings: Settings, with_projector: bool = True) -> None:
+async def run_projector(settings: Settings) -> None:
+    """The projector alone, for deployments that scale it apart from the workers."""
+    stop = _stop_on_signals()
+    bus = Bus(settings)
+    mongo = connect(settings.mongo_url)
+    try:
+        store = await ProjectionStore.open(mongo[settings.mongo_db])
+        projector = Projector(
+            bus, store, settings.projector_batch_size, settings.projector_flush_ms
+        )
+        log.info("projector started: namespace=%s/%s", settings.tenant, settings.namespace)
+        await projector.run(stop)
+    finally:
+        await mongo.close()
+        await bus.close()
+
+
+def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return stop
 
+
+async def run(settings: Settings, with_projector: bool = True) -> None:
+    stop = _stop_on_signals()
     bus = Bus(settings)
     r = redis.Redis.from_url(settings.redis_url)
     registry = Registry(r, settings.redis_prefix)
