@@ -29,6 +29,9 @@ SCHEMA_COMPATIBILITY = "BACKWARD_TRANSITIVE"
 INFINITE_RETENTION: dict[str, int] = {"retentionTimeInMinutes": -1, "retentionSizeInMB": -1}
 
 TIMEOUT = httpx.Timeout(5.0, connect=2.0)
+# Calls that touch a topic make the broker load it (own its bundle, recover its ledgers);
+# right after a restart, with clients reconnecting, that takes several seconds.
+TOPIC_TIMEOUT = httpx.Timeout(30.0, connect=2.0)
 DELETE_TIMEOUT = httpx.Timeout(60.0, connect=2.0)  # force-deleting a namespace unloads topics
 
 
@@ -44,25 +47,24 @@ def all_topics() -> list[str]:
 def provision(settings: Settings) -> None:
     """Create tenant, namespace, topics and policies unless they already exist.
 
-    Idempotent, and about six requests when everything is in place, so every test session
-    and every `stack up` can call it.
+    Idempotent, and seven GETs when everything is in place, so every test session and every
+    `stack up` can call it.
     """
     with _client(settings) as client:
         tenant, ns = settings.tenant, settings.namespace
-        _put(
-            client,
-            f"/admin/v2/tenants/{tenant}",
-            {"adminRoles": [], "allowedClusters": [CLUSTER]},
-            exists_ok=True,
-        )
-        _put(client, f"/admin/v2/namespaces/{tenant}/{ns}", None, exists_ok=True)
+        # GET before PUT: the broker logs every "already exists" conflict as an ERROR.
+        if _get(client, f"/admin/v2/tenants/{tenant}") is None:
+            tenant_info = {"adminRoles": [], "allowedClusters": [CLUSTER]}
+            _put(client, f"/admin/v2/tenants/{tenant}", tenant_info, exists_ok=True)
+        if _get(client, f"/admin/v2/namespaces/{tenant}/{ns}") is None:
+            _put(client, f"/admin/v2/namespaces/{tenant}/{ns}", None, exists_ok=True)
         _ensure_schema_compatibility(client, tenant, ns)
 
         existing = set(_get(client, f"/admin/v2/persistent/{tenant}/{ns}") or [])
         for name in all_topics():
             full = settings.topic(name)
             if full not in existing:
-                _put(client, _topic_path(full), None, exists_ok=True)
+                _put(client, _topic_path(full), None, exists_ok=True, timeout=TOPIC_TIMEOUT)
 
         for name in RETAINED_FOREVER:
             _ensure_infinite_retention(client, settings.topic(name))
@@ -140,8 +142,15 @@ def _get(client: httpx.Client, path: str) -> Any:
     return response.json() if response.content else None
 
 
-def _put(client: httpx.Client, path: str, body: Any, *, exists_ok: bool = False) -> None:
-    response = _request(client, "PUT", path, json=body)
+def _put(
+    client: httpx.Client,
+    path: str,
+    body: Any,
+    *,
+    exists_ok: bool = False,
+    timeout: httpx.Timeout = TIMEOUT,
+) -> None:
+    response = _request(client, "PUT", path, json=body, timeout=timeout)
     if response.status_code in (200, 204) or (exists_ok and response.status_code == 409):
         return
     raise _error(response)
@@ -162,12 +171,14 @@ def _ensure_infinite_retention(client: httpx.Client, full_topic: str) -> None:
     path = _topic_path(full_topic) + "/retention"
     deadline = time.monotonic() + 30.0
     while True:
-        response = _request(client, "GET", path)
+        response = _request(client, "GET", path, timeout=TOPIC_TIMEOUT)
         if response.status_code == 200:
             current = response.json() if response.content else None
             if _is_infinite(current):
                 return
-            response = _request(client, "POST", path, json=INFINITE_RETENTION)
+            response = _request(
+                client, "POST", path, json=INFINITE_RETENTION, timeout=TOPIC_TIMEOUT
+            )
             if response.status_code in (200, 204):
                 return
         if time.monotonic() > deadline or response.status_code not in (404, 412, 500, 503):

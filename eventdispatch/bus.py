@@ -60,12 +60,16 @@ class Bus:
     def topic(self, name: str) -> str:
         return self.settings.topic(name)
 
-    async def producer(self, name: str) -> pulsar.asyncio.Producer:
+    async def producer(self, name: str, *, large: bool = False) -> pulsar.asyncio.Producer:
+        """A producer for a topic. `large` ones chunk messages over the broker's 5 MB limit
+        (a 100,000-device task) and so cannot batch; chunks need a non-shared subscription."""
         options: dict[str, Any] = {"batching_enabled": True, "batching_max_publish_delay_ms": 1}
         if name in KEY_SHARED_TOPICS:
             options["batching_type"] = BatchingType.KeyBased
         if name == "timers":
             options = {"batching_enabled": False}
+        if large:
+            options = {"batching_enabled": False, "chunking_enabled": True}
         return await self.client.create_producer(
             self.topic(name),
             schema=AvroCodec(name),

@@ -31,10 +31,11 @@ class CentralControl:
     def __init__(
         self, base_url: str, timeout_s: float, backoff_base_s: float, backoff_cap_s: float
     ) -> None:
+        # Waiting for a free connection is not trouble: no pool timeout, only request ones.
         self.http = httpx.AsyncClient(
             base_url=base_url,
-            timeout=timeout_s,
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=100),
+            timeout=httpx.Timeout(timeout_s, pool=None),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
         )
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s

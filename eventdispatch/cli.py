@@ -144,6 +144,9 @@ def simulate(
         rules = simulator.load_behaviours(behaviour, latency)
     except (ValueError, TypeError) as e:
         fail(str(e))
+    from eventdispatch import admin
+
+    admin.provision(s)
     sim = simulator.Simulator(s, record, rules)
     asyncio.run(simulator.serve(sim, host, port))
 

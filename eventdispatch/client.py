@@ -95,7 +95,7 @@ class EventDispatch:
     async def _send(self, command: Command, key: str) -> str:
         if self._producer is None:
             self._bus = Bus(self.settings)
-            self._producer = await self._bus.producer("commands")
+            self._producer = await self._bus.producer("commands", large=True)
         command_id = str(uuid.uuid4())
         body = command.model_dump(exclude={"type"})
         record = {
@@ -162,6 +162,9 @@ class EventDispatch:
             params_json=json.dumps(params or {}, separators=(",", ":")),
         )
         assert isinstance(command, CreateTask)
+        too_far = commands.check_schedule(command, int(time.time() * 1000))
+        if too_far is not None:
+            raise CommandRejected(str(too_far.code), too_far.reason)
         command_id = await self._send(command, task_id)
         return Submission(task_id, command_id, command.fingerprint())
 

@@ -130,6 +130,16 @@ def refusal_from(error: ValidationError) -> Refusal:
     return Refusal(code, f"{field}: {first['msg']}")
 
 
+def check_schedule(cmd: CreateTask, now_ms: int) -> Refusal | None:
+    """A start more than 366 days ahead is refused; one in the past simply starts now."""
+    if cmd.execute_at_ms is not None and cmd.execute_at_ms > now_ms + MAX_EXECUTE_AHEAD_MS:
+        return Refusal(
+            Reason.SCHEDULE_TOO_FAR,
+            "execute_at is more than 366 days ahead; schedule it closer, or later",
+        )
+    return None
+
+
 def subject_of(type_name: str, body: dict[str, Any]) -> str:
     """The id a command is about (its Pulsar key), even when the command is invalid."""
     value = body.get("script_id" if type_name == "RegisterScript" else "task_id")

@@ -41,8 +41,10 @@ class Planner:
         self.registry = registry
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = await self.bus.consumer("commands", "planner", ConsumerType.Shared)
-        self.events = await self.bus.producer("events")
+        # Failover, not Shared: commands are planned in the order they were published (a
+        # script is registered before the task that uses it), and chunked commands need it.
+        consumer = await self.bus.consumer("commands", "planner", ConsumerType.Failover)
+        self.events = await self.bus.producer("events", large=True)
         self.inbox = await self.bus.producer("device-inbox")
         try:
             while (msg := await receive_until(consumer, stop)) is not None:
@@ -99,6 +101,10 @@ class Planner:
         await self._emit([_event(f"script:{cmd.script_id}:{version}", payload)])
 
     async def _create(self, command_id: str, cmd: CreateTask) -> None:
+        too_far = commands.check_schedule(cmd, now_ms())
+        if too_far is not None:
+            await self._reject(command_id, cmd.task_id, too_far)
+            return
         script = await retry_in_place(
             "look up script", lambda: self.registry.script(cmd.script_id, cmd.script_version)
         )
@@ -172,6 +178,16 @@ class Planner:
             await self._reject(command_id, cmd.task_id, refusal)
             return
         devices = tuple(cmd.devices) if cmd.devices else task.devices
+        if cmd.devices:
+            strangers = sorted(set(cmd.devices) - set(task.devices))
+            if strangers:
+                shown = ", ".join(strangers[:5]) + (" ..." if len(strangers) > 5 else "")
+                refusal = Refusal(
+                    Reason.NOT_IN_TASK,
+                    f"{len(strangers)} device(s) are not part of task {cmd.task_id!r}: {shown}",
+                )
+                await self._reject(command_id, cmd.task_id, refusal)
+                return
         payload = events.CancelAccepted(command_id, devices, cmd.reason)
         await self._emit([_event(f"cancel:{command_id}", payload, cmd.task_id)])
         at = now_ms()

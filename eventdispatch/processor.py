@@ -13,6 +13,7 @@ first processing may have left undone (`pending_effects`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -38,7 +39,7 @@ from eventdispatch.decider import (
 )
 from eventdispatch.device_store import DeviceStore
 from eventdispatch.events import Event, exec_id
-from eventdispatch.inputs import Delivery, DeliveryOutcome, Input
+from eventdispatch.inputs import CancelRequested, Delivery, DeliveryOutcome, Input
 from eventdispatch.registry import Registry
 from eventdispatch.retry import retry_in_place
 
@@ -65,6 +66,7 @@ class DeviceProcessor:
         self.central = central
         self.policy = policy
         self._queues: dict[str, deque[pulsar.Message]] = {}
+        self._arrivals: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -89,8 +91,10 @@ class DeviceProcessor:
         queue = self._queues.get(device)
         if queue is not None:
             queue.append(msg)
+            self._arrivals[device].set()
             return
         self._queues[device] = deque([msg])
+        self._arrivals[device] = asyncio.Event()
         task = asyncio.create_task(self._device_loop(device))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -103,6 +107,7 @@ class DeviceProcessor:
                 queue.popleft()
         finally:
             del self._queues[device]
+            del self._arrivals[device]
 
     async def _handle(self, msg: pulsar.Message) -> None:
         try:
@@ -148,7 +153,10 @@ class DeviceProcessor:
             effect = work.pop(0)
             outcome: Input
             if isinstance(effect, Deliver):
-                outcome = await self._deliver(state.device_id, effect)
+                answer = await self._deliver_unless_canceled(state.device_id, effect)
+                if answer is None:
+                    continue  # the queued cancel ends the attempt (and stops it) next
+                outcome = answer
             elif isinstance(effect, StopAttempt):
                 await self.central.stop(
                     state.device_id, exec_id(effect.task_id, state.device_id, effect.attempt)
@@ -160,6 +168,37 @@ class DeviceProcessor:
             state = await self._commit(decision, where)
             work.extend(e for e in decision.effects if not isinstance(e, StartTimer))
         return state
+
+    async def _deliver_unless_canceled(
+        self, device_id: str, effect: Deliver
+    ) -> DeliveryOutcome | None:
+        """Deliver, unless a cancel of this task arrives for the device meanwhile: a delivery
+        can take long (Central Control down, hanging), and a Locked attempt must stay
+        cancelable."""
+        call = asyncio.create_task(self._deliver(device_id, effect))
+        arrivals = self._arrivals[device_id]
+        while True:
+            if self._cancel_queued(device_id, effect.task_id):
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call
+                return None
+            arrivals.clear()
+            arrived = asyncio.create_task(arrivals.wait())
+            done, _ = await asyncio.wait({call, arrived}, return_when=asyncio.FIRST_COMPLETED)
+            arrived.cancel()
+            if call in done:
+                return call.result()
+
+    def _cancel_queued(self, device_id: str, task_id: str) -> bool:
+        for msg in list(self._queues[device_id])[1:]:
+            try:
+                _, inp = wire.input_from_record(msg.value())
+            except Exception:
+                continue  # undecodable: dead-lettered when its turn comes
+            if isinstance(inp, CancelRequested) and inp.task_id == task_id:
+                return True
+        return False
 
     async def _deliver(self, device_id: str, effect: Deliver) -> DeliveryOutcome:
         key = exec_id(effect.task_id, device_id, effect.attempt)

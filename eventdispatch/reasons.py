@@ -15,6 +15,8 @@ class Reason(StrEnum):
     UNKNOWN_SCRIPT_VERSION = "UNKNOWN_SCRIPT_VERSION"
     TASK_ID_CONFLICT = "TASK_ID_CONFLICT"
     UNKNOWN_TASK = "UNKNOWN_TASK"
+    SCHEDULE_TOO_FAR = "SCHEDULE_TOO_FAR"
+    NOT_IN_TASK = "NOT_IN_TASK"
     # Failed: an execution that ended without success
     UNKNOWN_DEVICE = "UNKNOWN_DEVICE"
     SCRIPT_REFUSED = "SCRIPT_REFUSED"
@@ -34,6 +36,8 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.UNKNOWN_SCRIPT_VERSION: "CreateTask names a version the script does not have.",
     Reason.TASK_ID_CONFLICT: "A task with this id was accepted before with different content.",
     Reason.UNKNOWN_TASK: "CancelTask names a task that was never accepted.",
+    Reason.SCHEDULE_TOO_FAR: "CreateTask asks for a start more than 366 days ahead.",
+    Reason.NOT_IN_TASK: "CancelTask names devices the task does not have.",
     Reason.UNKNOWN_DEVICE: "Central Control answered 404: it does not know the device.",
     Reason.SCRIPT_REFUSED: "Central Control answered 422: it refused the script.",
     Reason.DELIVERY_REFUSED: "Central Control answered another non-transient 4xx.",

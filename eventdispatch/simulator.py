@@ -13,7 +13,7 @@ Behaviour per device id pattern comes from a JSON or YAML file (`--behaviour`), 
 the first whose `devices` glob matches applies:
     - devices: "dead-*"        # fnmatch pattern
       status: 404              # answer every POST with this status (404, 422, 500, ...)
-      outcomes: [ERROR, SUCCESS]  # per attempt, the last one repeats (SUCCESS, ERROR,
+      outcomes: [ERROR, SUCCESS]  # by attempt number, the last repeats (SUCCESS, ERROR,
                                # SYSTEM_ERROR, SILENT = never answers)
       latency_ms: [10, 50]
       error_rate: 0.05         # share of POSTs answered 503 (transient)
@@ -90,7 +90,6 @@ class Simulator:
     behaviours: list[Behaviour]
     answers: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    attempts_seen: dict[str, int] = field(default_factory=dict)
 
     def behaviour(self, device_id: str) -> Behaviour:
         return next(b for b in self.behaviours if fnmatch.fnmatchcase(device_id, b.devices))
@@ -161,9 +160,7 @@ class Simulator:
             return JSONResponse(answer, status_code=b.status)
         self.answers[key] = (202, {"exec_id": key, "status": "accepted"})
         self.record(event="accepted", exec_id=key, device_id=device_id, at_ms=now)
-        n = self.attempts_seen.get(f"{device_id}|{body.get('script_id')}", 0)
-        self.attempts_seen[f"{device_id}|{body.get('script_id')}"] = n + 1
-        outcome = b.outcomes[min(n, len(b.outcomes) - 1)]
+        outcome = b.outcomes[min(_attempt_of(key) - 1, len(b.outcomes) - 1)]
         self.running[key] = asyncio.create_task(self._run(key, device_id, now, outcome, b))
         return JSONResponse({"exec_id": key, "status": "accepted"}, status_code=202)
 
@@ -192,6 +189,8 @@ class Simulator:
             elif outcome in ("ERROR", "SYSTEM_ERROR"):
                 lines.append((outcome, "exit 1: simulated failure"))
             await self._publish(exec_id, device_id, lines)
+            if outcome == "SILENT":
+                await asyncio.Future()  # runs until stopped, never reports a result
             self.record(
                 event="finished",
                 exec_id=exec_id,
@@ -219,6 +218,12 @@ class Simulator:
             for level, message in lines
         ]
         await publish(self.logs, out)
+
+
+def _attempt_of(exec_id: str) -> int:
+    """exec_id is `{task}:{device}:{attempt}`; anything else counts as a first attempt."""
+    tail = exec_id.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() and int(tail) > 0 else 1
 
 
 def _now_ms() -> int:

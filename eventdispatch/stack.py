@@ -88,11 +88,15 @@ def up(settings: Settings, log: Log = print) -> None:
                 log(f"{name}: our process {pid} is running but not answering yet; waiting")
                 waiting.append((name, None))
                 continue
-            if _port_taken(_port(settings, name)):
-                raise StackError(
-                    f"{name}: port {_port(settings, name)} is taken by something that does "
-                    f"not answer like {name}; stop it or change EVENTDISPATCH_* ports"
-                )
+            ports = [_port(settings, name)]
+            if name == "pulsar":
+                ports.append(settings.pulsar_http_port)
+            for port in ports:
+                if _port_taken(port):
+                    raise StackError(
+                        f"{name}: port {port} is taken by something that does not answer "
+                        f"like {name}; stop it or change EVENTDISPATCH_* ports"
+                    )
             argv, cwd = _prepare(settings, name, log)
             waiting.append((name, _spawn(settings, name, argv, cwd, log)))
 
@@ -313,7 +317,9 @@ def _prepare_mongo(settings: Settings, stack_dir: Path, log: Log) -> tuple[list[
     argv = [
         str(ferretdb),
         "--handler=sqlite",
-        f"--sqlite-url=file:{home / 'data'}/",  # a directory: one SQLite file per database
+        # A directory: one SQLite file per database. WAL (FerretDB's default) with
+        # synchronous=NORMAL survives a killed process and skips an fsync per statement.
+        f"--sqlite-url=file:{home / 'data'}/?_pragma=synchronous(normal)",
         f"--listen-addr={HOST}:{settings.mongo_port}",
         f"--state-dir={home / 'state'}",
         "--debug-addr=-",  # no metrics/pprof listener (it would take port 8088)
@@ -466,11 +472,11 @@ def _ensure_ferretdb(settings: Settings, log: Log) -> Path:
 
     A plain `go install` binary panics at start-up: FerretDB embeds build/version/version.txt,
     which release tooling generates and the module source lacks. So build from a copy of the
-    module source with that file written.
+    module source with that file written, and with `_FERRETDB_PATCHES` applied.
     """
     version = settings.ferretdb_version
     cache = settings.cache_dir.expanduser().resolve()
-    binary = cache / "bin" / f"ferretdb-{version}"
+    binary = cache / "bin" / f"ferretdb-{version}-{_FERRETDB_BUILD_TAG}"
     if binary.exists():
         return binary
     go = shutil.which("go")
@@ -490,6 +496,16 @@ def _ensure_ferretdb(settings: Settings, log: Log) -> Path:
     for path in [source, *source.rglob("*")]:
         path.chmod(path.stat().st_mode | 0o200)
     (source / "build" / "version" / "version.txt").write_text(f"{version}\n")
+    for relative, before, after in _FERRETDB_PATCHES:
+        path = source / relative
+        text = path.read_text()
+        if before in text:
+            path.write_text(text.replace(before, after))
+        else:
+            log(
+                f"mongo: warning: a patch for {relative} does not apply to FerretDB "
+                f"{version}; building without it (see _FERRETDB_PATCHES in {__name__})"
+            )
     binary.parent.mkdir(parents=True, exist_ok=True)
     partial = binary.with_name(binary.name + ".partial")
     _run([go, "build", "-trimpath", "-o", str(partial), "./cmd/ferretdb"], env=env, cwd=source)
@@ -497,6 +513,36 @@ def _ensure_ferretdb(settings: Settings, log: Log) -> Path:
     shutil.rmtree(source, ignore_errors=True)
     log(f"mongo: built {binary}")
     return binary
+
+
+_FERRETDB_BUILD_TAG = "ed2"  # bump when _FERRETDB_PATCHES change, so the binary is rebuilt
+
+# Two small fixes to FerretDB 1.24's SQLite backend, as (file, before, after):
+_FERRETDB_PATCHES: tuple[tuple[str, str, str], ...] = (
+    # Lookups by _id use the path `->'$._id'` but the unique _id index is built on `->"_id"`;
+    # SQLite matches index expressions textually, so every lookup, update and delete by _id
+    # was a full table scan (~15 ms per update at 2,000 documents). Use the index's spelling.
+    (
+        "internal/backends/sqlite/metadata/metadata.go",
+        "IDColumn = DefaultColumn + \"->'$._id'\"",
+        'IDColumn = DefaultColumn + "->\\"_id\\""',
+    ),
+    # The `update` command defers closing each statement's query cursor to the end of the
+    # whole command. Every statement that matches a document keeps one SQLite connection busy,
+    # so a bulk_write with ~100 matching updates exhausts the pool (100) and the command hangs
+    # forever, wedging that database until FerretDB restarts. Close per statement instead.
+    (
+        "internal/handler/msg_update.go",
+        "\t\tcloser := iterator.NewMultiCloser()\n\t\tdefer closer.Close()\n",
+        "\t\tcloser := iterator.NewMultiCloser()\n",
+    ),
+    (
+        "internal/handler/msg_update.go",
+        '\t\tresult, err := common.UpdateDocument(ctx, c, "update", iter, &u)\n',
+        '\t\tresult, err := common.UpdateDocument(ctx, c, "update", iter, &u)\n'
+        "\t\tcloser.Close()\n",
+    ),
+)
 
 
 def _run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:

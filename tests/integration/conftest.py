@@ -28,7 +28,9 @@ BEHAVIOUR = [
     {"devices": "flaky-*", "error_rate": 0.5},
     {"devices": "fail-then-ok-*", "outcomes": ["ERROR", "SUCCESS"]},
     {"devices": "always-fail-*", "outcomes": ["ERROR"]},
+    {"devices": "silent-then-ok-*", "outcomes": ["SILENT", "SUCCESS"]},
     {"devices": "silent-*", "outcomes": ["SILENT"]},
+    {"devices": "hang-*", "hang_rate": 1.0, "hang_s": 30},
     {"devices": "slow-*", "latency_ms": [300, 400]},
 ]
 
