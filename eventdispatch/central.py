@@ -25,18 +25,23 @@ from eventdispatch.registry import ScriptVersion
 log = logging.getLogger("eventdispatch.central")
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+MAX_CONNECTIONS = 16
 
 
 class CentralControl:
     def __init__(
         self, base_url: str, timeout_s: float, backoff_base_s: float, backoff_cap_s: float
     ) -> None:
-        # Waiting for a free connection is not trouble: no pool timeout, only request ones.
+        # Requests wait for a connection here, not in httpx's pool, whose bookkeeping costs
+        # O(waiting x connections) per request (90% of a worker's CPU at 10,000 devices).
         self.http = httpx.AsyncClient(
             base_url=base_url,
             timeout=httpx.Timeout(timeout_s, pool=None),
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
+            limits=httpx.Limits(
+                max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS
+            ),
         )
+        self.slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
 
@@ -64,7 +69,8 @@ class CentralControl:
         while True:
             tries += 1
             try:
-                r = await self.http.post(url, json=body, headers={"Idempotency-Key": exec_id})
+                async with self.slots:
+                    r = await self.http.post(url, json=body, headers={"Idempotency-Key": exec_id})
             except httpx.TransportError as e:
                 trouble = f"{type(e).__name__}: {e}"
             else:
@@ -91,7 +97,8 @@ class CentralControl:
         """Ask Central Control to stop an attempt; best effort, a late result is ignored anyway."""
         for n in range(1, tries + 1):
             try:
-                r = await self.http.delete(f"/v1/devices/{device_id}/executions/{exec_id}")
+                async with self.slots:
+                    r = await self.http.delete(f"/v1/devices/{device_id}/executions/{exec_id}")
                 if r.status_code < 500 and r.status_code != 429:
                     return r.status_code < 300
             except httpx.TransportError:

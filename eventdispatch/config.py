@@ -46,8 +46,8 @@ class Settings(BaseSettings):
     default_max_attempts: int = 3
 
     # Projector
-    projector_batch_size: int = 500
-    projector_flush_ms: int = 50
+    projector_batch_size: int = 1000
+    drain_grace_s: float = 20.0
 
     # Local stack
     stack_dir: Path = Path(".stack")

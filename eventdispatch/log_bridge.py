@@ -14,7 +14,7 @@ import pulsar
 from pulsar import ConsumerType
 
 from eventdispatch import wire
-from eventdispatch.bus import Bus, Outgoing, publish, receive_until
+from eventdispatch.bus import Bus, Outgoing, publish
 from eventdispatch.decider import RESULT_LEVELS
 from eventdispatch.inputs import ResultReported
 from eventdispatch.retry import retry_in_place
@@ -27,17 +27,20 @@ class LogBridge:
         self.bus = bus
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = await self.bus.consumer("device-logs", "log-bridge", ConsumerType.KeyShared)
+        receiver = await self.bus.receiver("device-logs", "log-bridge", ConsumerType.KeyShared)
         inbox = await self.bus.producer("device-inbox")
         try:
-            while (msg := await receive_until(consumer, stop)) is not None:
-                await self._forward(msg, inbox)
-                await consumer.acknowledge(msg)
+            while (batch := await receiver.next(stop)) is not None:
+                out = [o for o in [await self._result(msg) for msg in batch] if o is not None]
+                await retry_in_place("forward results", lambda o=out: publish(inbox, o))  # type: ignore[misc]
+                for msg in batch:
+                    await receiver.consumer.acknowledge(msg)
         finally:
-            await consumer.close()
+            await receiver.close()
             await inbox.flush()
 
-    async def _forward(self, msg: pulsar.Message, inbox: pulsar.asyncio.Producer) -> None:
+    async def _result(self, msg: pulsar.Message) -> Outgoing | None:
+        """The ResultReported input for a result line; None for other lines."""
         try:
             line = msg.value()
             level, device = str(line["level"]), str(line["device_id"])
@@ -46,8 +49,7 @@ class LogBridge:
             at = int(line["ts_ms"])
         except Exception as e:
             await self.bus.dead_letter("device-logs", msg, f"undecodable: {e}")
-            return
+            return None
         if level not in RESULT_LEVELS:
-            return
-        record = wire.input_to_record(input_id, device, at, result)
-        await retry_in_place("forward result", lambda: publish(inbox, [Outgoing(record, device)]))
+            return None
+        return Outgoing(wire.input_to_record(input_id, device, at, result), device)

@@ -16,7 +16,7 @@ import pulsar
 from pulsar import ConsumerType
 
 from eventdispatch import commands, events, wire
-from eventdispatch.bus import Bus, Outgoing, publish, receive_until
+from eventdispatch.bus import Bus, Outgoing, publish
 from eventdispatch.commands import CancelTask, CreateTask, Refusal, RegisterScript
 from eventdispatch.events import Event
 from eventdispatch.inputs import CancelRequested, Enqueue
@@ -43,15 +43,16 @@ class Planner:
     async def run(self, stop: asyncio.Event) -> None:
         # Failover, not Shared: commands are planned in the order they were published (a
         # script is registered before the task that uses it), and chunked commands need it.
-        consumer = await self.bus.consumer("commands", "planner", ConsumerType.Failover)
+        receiver = await self.bus.receiver("commands", "planner", ConsumerType.Failover)
         self.events = await self.bus.producer("events", large=True)
         self.inbox = await self.bus.producer("device-inbox")
         try:
-            while (msg := await receive_until(consumer, stop)) is not None:
-                await self.handle(msg)
-                await consumer.acknowledge(msg)
+            while (batch := await receiver.next(stop)) is not None:
+                for msg in batch:
+                    await self.handle(msg)
+                    await receiver.consumer.acknowledge(msg)
         finally:
-            await consumer.close()
+            await receiver.close()
             await self.events.flush()
             await self.inbox.flush()
 

@@ -24,7 +24,7 @@ import pulsar.asyncio
 from pulsar import ConsumerType
 
 from eventdispatch import wire
-from eventdispatch.bus import Bus, MessageKey, Outgoing, position, publish, receive_until
+from eventdispatch.bus import Bus, MessageKey, Outgoing, position, publish
 from eventdispatch.central import CentralControl
 from eventdispatch.decider import (
     Decision,
@@ -59,7 +59,9 @@ class DeviceProcessor:
         registry: Registry,
         central: CentralControl,
         policy: RetryPolicy,
+        drain_grace_s: float = 20.0,
     ) -> None:
+        self.drain_grace_s = drain_grace_s
         self.bus = bus
         self.store = store
         self.registry = registry
@@ -70,21 +72,34 @@ class DeviceProcessor:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = await self.bus.consumer(
+        receiver = await self.bus.receiver(
             "device-inbox", "device-processor", ConsumerType.KeyShared
         )
         self.events = await self.bus.producer("events")
         self.timers = await self.bus.producer("timers")
-        self.consumer = consumer
+        self.consumer = receiver.consumer
         try:
-            while (msg := await receive_until(consumer, stop)) is not None:
-                self._route(msg)
-            if self._tasks:  # drain: finish what each device has already received
-                await asyncio.gather(*self._tasks)
+            while (batch := await receiver.next(stop)) is not None:
+                for msg in batch:
+                    self._route(msg)
+            await self._drain()
         finally:
-            await consumer.close()
+            await receiver.close()
             await self.events.flush()
             await self.timers.flush()
+
+    async def _drain(self) -> None:
+        """Finish what each device has already received, within the grace period; what is
+        left unacknowledged then is redelivered to the subscription's other consumers."""
+        if not self._tasks:
+            return
+        log.info("draining %d devices (grace %.0fs)", len(self._tasks), self.drain_grace_s)
+        _, late = await asyncio.wait(set(self._tasks), timeout=self.drain_grace_s)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("%d devices did not finish within the grace period", len(late))
+            await asyncio.wait(late)
 
     def _route(self, msg: pulsar.Message) -> None:
         device = msg.partition_key()

@@ -16,7 +16,7 @@ import pulsar
 from pulsar import ConsumerType
 
 from eventdispatch import wire
-from eventdispatch.bus import Bus, Outgoing, publish, receive_until
+from eventdispatch.bus import Bus, Outgoing, publish
 from eventdispatch.inputs import TimerFired
 from eventdispatch.retry import retry_in_place
 
@@ -28,26 +28,29 @@ class TimerRelay:
         self.bus = bus
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = await self.bus.consumer("timers", "timer-relay", ConsumerType.Shared)
+        receiver = await self.bus.receiver("timers", "timer-relay", ConsumerType.Shared)
         inbox = await self.bus.producer("device-inbox")
         try:
-            while (msg := await receive_until(consumer, stop)) is not None:
-                await self._forward(msg, inbox)
-                await consumer.acknowledge(msg)
+            while (batch := await receiver.next(stop)) is not None:
+                out = [o for o in [await self._due(msg) for msg in batch] if o is not None]
+                await retry_in_place("forward timers", lambda o=out: publish(inbox, o))  # type: ignore[misc]
+                for msg in batch:
+                    await receiver.consumer.acknowledge(msg)
         finally:
-            await consumer.close()
+            await receiver.close()
             await inbox.flush()
 
-    async def _forward(self, msg: pulsar.Message, inbox: pulsar.asyncio.Producer) -> None:
+    async def _due(self, msg: pulsar.Message) -> Outgoing | None:
+        """The TimerFired input for a timer, once it is due; None if it cannot be decoded."""
         try:
             t = msg.value()
             fired = TimerFired(t["kind"], t["task_id"], t["attempt"], t["due_at_ms"])
             device, timer_id = str(t["device_id"]), str(t["timer_id"])
         except Exception as e:
             await self.bus.dead_letter("timers", msg, f"undecodable: {e}")
-            return
+            return None
         early_s = (fired.due_at_ms - time.time() * 1000) / 1000
         if early_s > 0:
             await asyncio.sleep(early_s)
         record = wire.input_to_record(timer_id, device, int(time.time() * 1000), fired)
-        await retry_in_place("forward timer", lambda: publish(inbox, [Outgoing(record, device)]))
+        return Outgoing(record, device)

@@ -33,9 +33,7 @@ async def run_projector(settings: Settings) -> None:
     mongo = connect(settings.mongo_url)
     try:
         store = await ProjectionStore.open(mongo[settings.mongo_db])
-        projector = Projector(
-            bus, store, settings.projector_batch_size, settings.projector_flush_ms
-        )
+        projector = Projector(bus, store, settings.projector_batch_size)
         log.info("projector started: namespace=%s/%s", settings.tenant, settings.namespace)
         await projector.run(stop)
     finally:
@@ -66,19 +64,20 @@ async def run(settings: Settings, with_projector: bool = True) -> None:
     mongo = connect(settings.mongo_url)
     stages = [
         Planner(bus, registry).run(stop),
-        DeviceProcessor(bus, DeviceStore(r, settings.redis_prefix), registry, central, policy).run(
-            stop
-        ),
+        DeviceProcessor(
+            bus,
+            DeviceStore(r, settings.redis_prefix),
+            registry,
+            central,
+            policy,
+            settings.drain_grace_s,
+        ).run(stop),
         TimerRelay(bus).run(stop),
         LogBridge(bus).run(stop),
     ]
     if with_projector:
         store = await ProjectionStore.open(mongo[settings.mongo_db])
-        stages.append(
-            Projector(bus, store, settings.projector_batch_size, settings.projector_flush_ms).run(
-                stop
-            )
-        )
+        stages.append(Projector(bus, store, settings.projector_batch_size).run(stop))
     log.info(
         "worker started: pulsar=%s namespace=%s/%s central=%s projector=%s",
         settings.pulsar_url,

@@ -16,7 +16,7 @@ import pulsar
 from pulsar import ConsumerType
 
 from eventdispatch import wire
-from eventdispatch.bus import Bus
+from eventdispatch.bus import Bus, Receiver
 from eventdispatch.events import Event
 from eventdispatch.retry import retry_in_place
 from projections.store import ProjectionStore
@@ -24,65 +24,35 @@ from projections.store import ProjectionStore
 log = logging.getLogger("eventdispatch.projector")
 
 
-async def _pump(consumer: Any, queue: asyncio.Queue[pulsar.Message]) -> None:
-    """Receive into a queue; batching then waits on the queue, never on a receive call."""
-    while True:
-        await queue.put(await consumer.receive())
-
-
 async def _batches(
-    consumer: Any,
+    receiver: Receiver,
     stop: asyncio.Event,
-    size: int,
-    flush_s: float,
     handle: Callable[[list[pulsar.Message]], Awaitable[None]],
 ) -> None:
-    queue: asyncio.Queue[pulsar.Message] = asyncio.Queue(maxsize=size * 2)
-    pump = asyncio.create_task(_pump(consumer, queue))
-    stopped = asyncio.create_task(stop.wait())
+    """Apply each received batch, then acknowledge it (cumulatively: Failover keeps order)."""
     try:
-        while not stop.is_set():
-            first = asyncio.create_task(queue.get())
-            done, _ = await asyncio.wait({first, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if first not in done:
-                first.cancel()
-                break
-            batch = [first.result()]
-            deadline = asyncio.get_running_loop().time() + flush_s
-            while len(batch) < size:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), remaining))
-                except TimeoutError:
-                    break
+        while (batch := await receiver.next(stop)) is not None:
             await handle(batch)
-            await consumer.acknowledge_cumulative(batch[-1])
+            await receiver.consumer.acknowledge_cumulative(batch[-1])
     finally:
-        pump.cancel()
-        stopped.cancel()
+        await receiver.close()
 
 
 class Projector:
-    def __init__(self, bus: Bus, store: ProjectionStore, batch_size: int, flush_ms: int) -> None:
+    def __init__(self, bus: Bus, store: ProjectionStore, batch_size: int) -> None:
         self.bus = bus
         self.store = store
         self.batch_size = batch_size
-        self.flush_s = flush_ms / 1000
         self.applied = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        events = await self.bus.consumer("events", "projector", ConsumerType.Failover)
-        logs = await self.bus.consumer("device-logs", "projector-logs", ConsumerType.Failover)
-        try:
-            await asyncio.gather(
-                _batches(events, stop, self.batch_size, self.flush_s, self._apply_events),
-                _batches(logs, stop, self.batch_size, self.flush_s, self._apply_logs),
-            )
-        finally:
-            await events.close()
-            await logs.close()
+        size = self.batch_size
+        events = await self.bus.receiver("events", "projector", ConsumerType.Failover, size)
+        logs = await self.bus.receiver("device-logs", "projector-logs", ConsumerType.Failover, size)
+        await asyncio.gather(
+            _batches(events, stop, self._apply_events),
+            _batches(logs, stop, self._apply_logs),
+        )
 
     async def _decode(self, topic: str, batch: list[pulsar.Message]) -> list[Any]:
         out = []

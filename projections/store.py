@@ -13,6 +13,7 @@ from typing import Any
 from pymongo import ASCENDING, AsyncMongoClient, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
 
 from eventdispatch.events import Event
 from projections.reducers import MODELS, Doc, log_doc
@@ -35,10 +36,19 @@ async def current_generation(db: AsyncDatabase[Doc]) -> int:
     return int(alias["generation"]) if alias else 1
 
 
+CACHE_DOCS = 200_000
+DUPLICATE_KEY = 11000
+
+
 class ProjectionStore:
+    """Writes one generation. The projector is its only writer, so the documents it wrote
+    last are kept in memory (up to CACHE_DOCS) and a batch reads from MongoDB only the
+    documents it has not seen."""
+
     def __init__(self, db: AsyncDatabase[Doc], generation: int) -> None:
         self.db = db
         self.generation = generation
+        self._cache: dict[str, dict[str, Doc]] = defaultdict(dict)
 
     @classmethod
     async def open(cls, db: AsyncDatabase[Doc]) -> ProjectionStore:
@@ -65,19 +75,40 @@ class ProjectionStore:
             if not grouped:
                 continue
             coll = self.collection(model.name)
-            found = {d["_id"]: d async for d in coll.find({"_id": {"$in": list(grouped)}})}
-            writes: list[ReplaceOne[Doc]] = []
+            cache = self._cache[model.name]
+            missing = [k for k in grouped if k not in cache]
+            found = {k: cache[k] for k in grouped if k in cache}
+            if missing:
+                found.update({d["_id"]: d async for d in coll.find({"_id": {"$in": missing}})})
+            inserts: list[Doc] = []
+            replaces: list[ReplaceOne[Doc]] = []
+            changed: dict[str, Doc] = {}
             for key, batch in grouped.items():
                 before = found.get(key)
                 doc = before
                 for event in batch:
                     doc = model.reduce(doc, event)
                 if doc is not None and doc != before:
-                    writes.append(ReplaceOne({"_id": key}, doc, upsert=True))
-            if writes:
-                await coll.bulk_write(writes, ordered=False)
+                    changed[key] = doc
+                    if before is None:
+                        inserts.append(doc)
+                    else:
+                        replaces.append(ReplaceOne({"_id": key}, doc))
+            if inserts:  # cheaper than upserts; a concurrent writer would be a bug
+                await coll.insert_many(inserts, ordered=False)
+            if replaces:
+                await coll.bulk_write(replaces, ordered=False)
+            if len(cache) + len(changed) > CACHE_DOCS:
+                cache.clear()
+            cache.update(changed)  # only after the write: a failed batch is read again
 
     async def apply_logs(self, lines: list[dict[str, Any]]) -> None:
-        writes = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in map(log_doc, lines)]
-        if writes:
-            await self.collection("logs").bulk_write(writes, ordered=False)
+        """Log lines never change: insert them, and a line seen before is no error."""
+        if not lines:
+            return
+        try:
+            await self.collection("logs").insert_many(map(log_doc, lines), ordered=False)
+        except BulkWriteError as e:
+            others = [w for w in e.details.get("writeErrors", []) if w.get("code") != DUPLICATE_KEY]
+            if others:
+                raise

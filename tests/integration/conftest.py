@@ -185,8 +185,11 @@ def read_record(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-async def read_log(settings: Settings, topic: str = "events") -> list[dict[str, Any]]:
-    """Every record on a topic, decoded with the schema registered on the broker (not ours)."""
+async def read_log(
+    settings: Settings, topic: str = "events", since_ms: int | None = None
+) -> list[dict[str, Any]]:
+    """The records on a topic (published since `since_ms`, if given), decoded with the schema
+    registered on the broker, not ours."""
     import io
 
     import fastavro
@@ -199,6 +202,8 @@ async def read_log(settings: Settings, topic: str = "events") -> list[dict[str, 
     client = pulsar.asyncio.Client(settings.pulsar_url)
     try:
         reader = await client.create_reader(settings.topic(topic), pulsar.MessageId.earliest)
+        if since_ms is not None:
+            await reader.seek(since_ms)
         out: list[dict[str, Any]] = []
         while await reader.has_message_available():
             msg = await reader.read_next()

@@ -35,11 +35,12 @@ async def _publish_raw(settings: Settings, payload: Any, key: str, schema: bool)
 async def _rejections(
     settings: Settings, subject: str, timeout: float = 30
 ) -> list[dict[str, Any]]:
+    since = int(time.time() * 1000) - 60_000  # the reader seeks by publish time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = [
             e
-            for e in await read_log(settings, "events")
+            for e in await read_log(settings, "events", since)
             if e["type"] == "Rejected" and e["payload"]["subject"] == subject
         ]
         if found:
