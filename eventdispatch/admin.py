@@ -190,3 +190,30 @@ def _is_infinite(policy: Any) -> bool:
     return isinstance(policy, dict) and all(
         policy.get(k) == v for k, v in INFINITE_RETENTION.items()
     )
+
+
+def last_position(settings: Settings, topic: str) -> tuple[int, int] | None:
+    """(ledger, entry) of the last message on a topic, or None if it has none."""
+    path = f"{_topic_path(settings.topic(topic))}/lastMessageId"
+    with _client(settings) as client:
+        found = _get(client, path)
+    if not found or int(found.get("entryId", -1)) < 0 or int(found.get("ledgerId", -1)) < 0:
+        return None
+    return int(found["ledgerId"]), int(found["entryId"])
+
+
+def backlog(settings: Settings, topic: str, subscription: str) -> int | None:
+    """Messages a subscription has yet to acknowledge (for progress and lag reports)."""
+    with _client(settings) as client:
+        stats = _get(client, f"{_topic_path(settings.topic(topic))}/stats")
+    sub = (stats or {}).get("subscriptions", {}).get(subscription)
+    return int(sub["msgBacklog"]) if sub else None
+
+
+def drop_subscription(settings: Settings, topic: str, subscription: str) -> None:
+    """Delete a subscription (a finished or abandoned rebuild's), if it exists."""
+    path = f"{_topic_path(settings.topic(topic))}/subscription/{subscription}"
+    with _client(settings) as client:
+        response = _request(client, "DELETE", path, params={"force": "true"})
+    if response.status_code not in (200, 204, 404):
+        raise _error(response)

@@ -33,7 +33,7 @@ from eventdispatch.config import Settings
 from eventdispatch.reasons import Reason
 from projections import queries
 from projections.queries import TaskSummary
-from projections.store import ProjectionStore, connect
+from projections.store import ProjectionStore, connect, current_generations
 
 T = TypeVar("T")
 
@@ -75,7 +75,6 @@ class EventDispatch:
         self._bus: Bus | None = None
         self._producer: pulsar.asyncio.Producer | None = None
         self._mongo = connect(self.settings.mongo_url)
-        self._store: ProjectionStore | None = None
 
     async def __aenter__(self) -> EventDispatch:
         return self
@@ -108,12 +107,9 @@ class EventDispatch:
         return command_id
 
     async def store(self) -> ProjectionStore:
-        if self._store is None:
-            self._store = ProjectionStore(
-                self._mongo[self.settings.mongo_db],
-                await _generation(self._mongo[self.settings.mongo_db]),
-            )
-        return self._store
+        """The read models, at the generations readers use now."""
+        db = self._mongo[self.settings.mongo_db]
+        return ProjectionStore(db, await current_generations(db))
 
     async def register_script(
         self, script_id: str, content: str, language: str = "sh", *, timeout_s: float = 30
@@ -220,12 +216,6 @@ class EventDispatch:
         doc = await queries.rejection(await self.store(), command_id)
         if doc is not None:
             raise CommandRejected(doc["reason_code"], doc["reason"])
-
-
-async def _generation(db: Any) -> int:
-    from projections.store import current_generation
-
-    return await current_generation(db)
 
 
 async def _poll(check: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:

@@ -48,8 +48,9 @@ def definition(topic: str) -> Record:
 class AvroCodec(pulsar.schema.Schema):  # type: ignore[misc]
     """pulsar's AvroSchema, minus its per-message schema parsing (parsed once here)."""
 
-    def __init__(self, topic: str) -> None:
-        self._definition = definition(topic)
+    def __init__(self, topic: str, schema: Record | None = None) -> None:
+        """The codec of a topic; `schema` overrides its .avsc (tests of older versions)."""
+        self._definition = schema or definition(topic)
         super().__init__(None, _pulsar.SchemaType.AVRO, self._definition, "AVRO")
         self._parsed = fastavro.parse_schema(self._definition)
         self._writers: dict[tuple[str, int], Any] = {}

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pulsar
 from pulsar import ConsumerType
 
-from eventdispatch import wire
-from eventdispatch.bus import Bus, Receiver
+from eventdispatch import admin, wire
+from eventdispatch.bus import Bus, Receiver, position
 from eventdispatch.events import Event
 from eventdispatch.retry import retry_in_place
-from projections.store import ProjectionStore
+from projections.rebuild import adoption_point
+from projections.store import ProjectionStore, current_generations
 
 log = logging.getLogger("eventdispatch.projector")
 
@@ -38,12 +40,16 @@ async def _batches(
         await receiver.close()
 
 
+ALIAS_CHECK_S = 1.0
+
+
 class Projector:
     def __init__(self, bus: Bus, store: ProjectionStore, batch_size: int) -> None:
         self.bus = bus
         self.store = store
         self.batch_size = batch_size
         self.applied = 0
+        self._alias_checked = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         size = self.batch_size
@@ -63,7 +69,57 @@ class Projector:
                 await self.bus.dead_letter(topic, msg, f"undecodable: {e}")
         return out
 
+    async def _follow_alias(self) -> None:
+        """Move to the generations a rebuild switched readers to, replaying what the rebuild
+        did not read (idempotent: whatever is applied twice changes nothing)."""
+        now = time.monotonic()
+        if now - self._alias_checked < ALIAS_CHECK_S:
+            return
+        self._alias_checked = now
+        new = await current_generations(self.store.db)
+        if new == self.store.generations:
+            return
+        points = await adoption_point(self.store.db, self.store.generations, new)
+        changed = frozenset(m for m, g in new.items() if self.store.generations.get(m) != g)
+        log.info("switching %s to generations %s; replaying from %s", sorted(changed), new, points)
+        self.store.switch(new)
+        for topic, start in points.items():
+            await self._replay(topic, start, changed)
+
+    async def _replay(self, topic: str, start: list[int] | None, only: frozenset[str]) -> None:
+        end = admin.last_position(self.bus.settings, topic)
+        if end is None:
+            return
+        first = pulsar.MessageId.earliest if start is None else pulsar.MessageId(-1, *start)
+        reader = await self.bus.reader(topic, first)
+        pending: list[Any] = []
+        replayed = 0
+
+        async def flush() -> None:
+            batch = list(pending)
+            pending.clear()
+            if topic == "events":
+                events = [wire.event_from_record(r) for r in batch]
+                await retry_in_place("replay", lambda: self.store.apply(events, only))
+            else:
+                await retry_in_place("replay", lambda: self.store.apply_logs(batch))
+
+        try:
+            while await reader.has_message_available():
+                msg = await reader.read_next()
+                pending.append(msg.value())
+                replayed += 1
+                if len(pending) >= self.batch_size:
+                    await flush()
+                if position(msg)[:2] >= end:
+                    break
+            await flush()
+        finally:
+            await reader.close()
+        log.info("replayed %d messages of %s into the new generation", replayed, topic)
+
     async def _apply_events(self, batch: list[pulsar.Message]) -> None:
+        await self._follow_alias()
         decoded: list[Event] = []
         for record in await self._decode("events", batch):
             decoded.append(wire.event_from_record(record))

@@ -1,8 +1,9 @@
 """MongoDB adapter for the read models: batched, idempotent writes and the generation alias.
 
 Collections are named `g<generation>_<model>`; the document `_id: "alias"` in `projection_meta`
-names the generation readers use, so a rebuild can fill a new generation and switch at once.
-Only features MongoDB 7+ and FerretDB share are used (no transactions, no change streams).
+maps each model to the generation readers use, so a rebuild can fill a new generation and
+switch at once. Only features MongoDB 7+ and FerretDB share are used (no transactions, no
+change streams).
 """
 
 from __future__ import annotations
@@ -31,9 +32,18 @@ def connect(url: str) -> AsyncMongoClient[Doc]:
     return AsyncMongoClient(url, serverSelectionTimeoutMS=5000, tz_aware=True)
 
 
-async def current_generation(db: AsyncDatabase[Doc]) -> int:
+Generations = dict[str, int]
+
+
+async def current_generations(db: AsyncDatabase[Doc]) -> Generations:
+    """The generation of each model that readers use (1 until a rebuild switches one)."""
     alias = await db.projection_meta.find_one({"_id": "alias"})
-    return int(alias["generation"]) if alias else 1
+    found = alias.get("models", {}) if alias else {}
+    return {m: int(found.get(m, 1)) for m in ALL_MODELS}
+
+
+def collection_name(model: str, generation: int) -> str:
+    return f"g{generation}_{model}"
 
 
 CACHE_DOCS = 200_000
@@ -45,28 +55,38 @@ class ProjectionStore:
     last are kept in memory (up to CACHE_DOCS) and a batch reads from MongoDB only the
     documents it has not seen."""
 
-    def __init__(self, db: AsyncDatabase[Doc], generation: int) -> None:
+    def __init__(self, db: AsyncDatabase[Doc], generations: Generations) -> None:
         self.db = db
-        self.generation = generation
+        self.generations = dict(generations)
         self._cache: dict[str, dict[str, Doc]] = defaultdict(dict)
 
     @classmethod
     async def open(cls, db: AsyncDatabase[Doc]) -> ProjectionStore:
-        store = cls(db, await current_generation(db))
+        store = cls(db, await current_generations(db))
         await store.ensure_indexes()
         return store
 
     def collection(self, model: str) -> AsyncCollection[Doc]:
-        return self.db[f"g{self.generation}_{model}"]
+        return self.db[collection_name(model, self.generations[model])]
+
+    def switch(self, generations: Generations) -> None:
+        """Write to other generations from now on (after a rebuild switched the alias)."""
+        for model, gen in generations.items():
+            if self.generations.get(model) != gen:
+                self._cache.pop(model, None)
+        self.generations = dict(generations)
 
     async def ensure_indexes(self) -> None:
         for model, indexes in INDEXES.items():
             for keys in indexes:
                 await self.collection(model).create_index(keys)
 
-    async def apply(self, events: list[Event]) -> None:
-        """Fold a batch into every model: one read and one bulk write per model touched."""
+    async def apply(self, events: list[Event], only: frozenset[str] | None = None) -> None:
+        """Fold a batch into every model (or `only` those): one read and one bulk write per
+        model touched."""
         for model in MODELS:
+            if only is not None and model.name not in only:
+                continue
             grouped: dict[str, list[Event]] = defaultdict(list)
             for event in events:
                 key = model.key(event)
