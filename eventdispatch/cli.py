@@ -27,6 +27,7 @@ from rich.table import Table
 from eventdispatch import logs
 from eventdispatch.client import CommandRejected, EventDispatch
 from eventdispatch.config import Settings
+from projections import queries
 from projections.queries import TaskSummary
 from projections.reducers import TERMINAL_STATES
 
@@ -39,6 +40,10 @@ stack_app = typer.Typer(help="Start, stop and inspect the local Pulsar, MongoDB 
 script_app = typer.Typer(help="Register scripts that tasks can run.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(script_app, name="script")
+tasks_app = typer.Typer(help="List tasks and their progress (from the projections).")
+device_app = typer.Typer(help="Look at one device (from the projections).")
+app.add_typer(tasks_app, name="tasks")
+app.add_typer(device_app, name="device")
 
 out = Console()
 err = Console(stderr=True)
@@ -356,6 +361,105 @@ def cancel(
         return 0
 
     raise typer.Exit(_run(go()))
+
+
+@tasks_app.command("list")
+def tasks_list(
+    state: Annotated[
+        str | None, typer.Option(help="Only tasks that are `running` or `done`.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="How many of the newest tasks.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The newest tasks, with how many devices are in each state."""
+    if state not in (None, "running", "done"):
+        fail(f"--state must be running or done, not {state!r}")
+
+    async def go() -> int:
+        async with EventDispatch(settings()) as ed:
+            found = await queries.tasks_overview(await ed.store(), limit)
+        if state is not None:
+            found = [s for s in found if s.done == (state == "done")]
+        if as_json:
+            out.print_json(data=[s.as_json() for s in found])
+            return 0
+        table = Table("task", "script", "devices", "states", "done")
+        for s in found:
+            states = " ".join(f"{k}={v}" for k, v in _ordered(s.counts))
+            table.add_row(
+                s.task["_id"],
+                f"{s.task['script_id']} v{s.task['script_version']}",
+                str(s.total),
+                states,
+                "yes" if s.done else "no",
+            )
+        out.print(table if found else "no tasks")
+        return 0
+
+    raise typer.Exit(_run(go()))
+
+
+@device_app.command("show")
+def device_show(
+    device_id: Annotated[str, typer.Argument(help="The device to show.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """What a device runs now, what waits for it, and its last attempts."""
+
+    async def go() -> int:
+        async with EventDispatch(settings()) as ed:
+            view = await queries.device_view(await ed.store(), device_id)
+        if view.device is None:
+            fail(f"no device {device_id!r} in the projections: no task has named it yet")
+        if as_json:
+            out.print_json(
+                data={
+                    "device": view.device,
+                    "executions": view.executions,
+                    "attempts": view.attempts,
+                },
+                default=str,
+            )
+            return 0
+        d = view.device
+        doing = f"busy with {d['current_task']}" if d["busy"] else "idle"
+        out.print(f"device [bold]{device_id}[/]: {doing}, {d['queued']} queued")
+        table = Table("task", "state", "attempt", "created")
+        for x in view.executions:
+            table.add_row(x["task_id"], x["state"], str(x["attempt"]), _time(x["created_at_ms"]))
+        if view.executions:
+            out.print(table)
+        attempts = Table("attempt", "locked", "outcome", "error", title="last attempts")
+        for a in view.attempts:
+            attempts.add_row(
+                a["_id"], _time(a["locked_at_ms"]), a["outcome"] or a["state"], a["error"] or ""
+            )
+        if view.attempts:
+            out.print(attempts)
+        return 0
+
+    raise typer.Exit(_run(go()))
+
+
+def _time(ms: int | None) -> str:
+    return (
+        "-"
+        if ms is None
+        else datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="seconds")
+    )
+
+
+@app.command()
+def lag() -> None:
+    """How far the projector is behind the log: messages not yet applied, per topic."""
+    from eventdispatch import admin
+
+    s = settings()
+    table = Table("topic", "subscription", "behind (messages)")
+    for topic, sub in (("events", "projector"), ("device-logs", "projector-logs")):
+        n = admin.backlog(s, topic, sub)
+        table.add_row(topic, sub, "no projector yet" if n is None else f"{n:,}")
+    out.print(table)
 
 
 @app.command()

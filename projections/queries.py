@@ -66,3 +66,47 @@ async def executions(store: ProjectionStore, task_id: str, limit: int = 0) -> li
     if limit:
         cursor = cursor.limit(limit)
     return [d async for d in cursor]
+
+
+async def tasks_overview(store: ProjectionStore, limit: int = 100) -> list[TaskSummary]:
+    """The newest tasks with their counts per state (one aggregation for all of them)."""
+    tasks = [
+        d async for d in store.collection("tasks").find().sort("accepted_at_ms", -1).limit(limit)
+    ]
+    ids = [t["_id"] for t in tasks]
+    pipeline: list[dict[str, Any]] = [
+        {"$match": {"task_id": {"$in": ids}}},
+        {"$group": {"_id": {"task": "$task_id", "state": "$state"}, "n": {"$sum": 1}}},
+    ]
+    counts: dict[str, dict[str, int]] = {t: {} for t in ids}
+    async for row in await store.collection("executions").aggregate(pipeline):
+        counts[row["_id"]["task"]][row["_id"]["state"]] = int(row["n"])
+    return [TaskSummary(t, counts[t["_id"]]) for t in tasks]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    device: Doc | None
+    executions: list[Doc]
+    attempts: list[Doc]
+
+
+async def device_view(store: ProjectionStore, device_id: str, last: int = 10) -> DeviceView:
+    """A device's current and queued work, and its last attempts."""
+    device = await store.collection("devices").find_one({"_id": device_id})
+    live = {p["task_id"] for p in (device or {}).get("live", [])}
+    executions = [
+        d
+        async for d in store.collection("executions").find(
+            {"_id": {"$in": [f"{t}:{device_id}" for t in live]}}
+        )
+    ]
+    executions.sort(key=lambda d: d["created_at_ms"])
+    attempts = [
+        d
+        async for d in store.collection("attempts")
+        .find({"device_id": device_id})
+        .sort("locked_at_ms", -1)
+        .limit(last)
+    ]
+    return DeviceView(device, executions, attempts)

@@ -139,6 +139,42 @@ def reduce_attempt(doc: Doc | None, event: Event) -> Doc | None:
     return doc
 
 
+def device_key(event: Event) -> str | None:
+    return event.device_id if event.device_id is not None and event.task_id is not None else None
+
+
+ACTIVE_STATES = ("locked", "sent")
+
+
+def reduce_device(doc: Doc | None, event: Event) -> Doc | None:
+    """devices: what each device is doing now and how much waits for it. Live executions are
+    a list of pairs, not a map: task ids may hold '.', which field names may not."""
+    if _applied(doc, event):
+        return doc
+    if doc is None:
+        doc = {"_id": event.device_id, "live": [], "last_outcome": None}
+    live = [pair for pair in doc["live"] if pair["task_id"] != event.task_id]
+    last_outcome = doc["last_outcome"]
+    state = EXECUTION_STATE.get(event.type, "waiting" if event.type == "Created" else None)
+    if state in TERMINAL_STATES:
+        last_outcome = {"task_id": event.task_id, "state": state, "at_ms": event.occurred_at_ms}
+    elif state is None:  # TimedOut, LateResult: the execution keeps its state
+        live = doc["live"]
+    else:
+        live.append({"task_id": event.task_id, "state": state})
+    current = next((p for p in live if p["state"] in ACTIVE_STATES), None)
+    return {
+        "_id": event.device_id,
+        "live": live,
+        "current_task": current["task_id"] if current else None,
+        "busy": current is not None,
+        "queued": sum(1 for p in live if p["state"] not in ACTIVE_STATES),
+        "last_outcome": last_outcome,
+        "seq": event.seq,
+        "updated_at_ms": event.occurred_at_ms,
+    }
+
+
 def task_key(event: Event) -> str | None:
     is_task_event = isinstance(event.payload, ev.TaskAccepted | ev.CancelAccepted)
     return event.task_id if is_task_event else None
@@ -223,6 +259,7 @@ class Model:
 MODELS = (
     Model("executions", execution_key, reduce_execution),
     Model("attempts", attempt_key, reduce_attempt),
+    Model("devices", device_key, reduce_device),
     Model("tasks", task_key, reduce_task),
     Model("scripts", script_key, reduce_script),
     Model("rejections", rejection_key, reduce_rejection),

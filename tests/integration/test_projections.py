@@ -196,3 +196,35 @@ async def test_an_event_written_with_the_previous_schema_still_projects(
         assert doc is not None and doc["state"] == "waiting" and doc["max_attempts"] == 3
     finally:
         await mongo.close()
+
+
+async def test_queries_show_a_busy_device_and_the_task_list(
+    settings: Settings, service: Service
+) -> None:
+    import json
+
+    from tests.integration.conftest import cli
+
+    tag = uuid.uuid4().hex[:6]
+    device = f"silent-q-{tag}"
+    async with EventDispatch(settings) as ed:
+        await ed.register_script("mixed", "echo mixed\n")
+        holder, waiter = f"q-hold-{tag}", f"q-wait-{tag}"
+        await ed.wait_accepted(await ed.submit(holder, "mixed", [device], timeout_s=600))
+        await ed.wait_accepted(await ed.submit(waiter, "mixed", [device]))
+        await caught_up(settings)
+        r = cli(settings, "device", "show", device, "--json")
+        assert r.returncode == 0, r.stderr
+        view = json.loads(r.stdout)
+        assert view["device"]["current_task"] == holder and view["device"]["queued"] == 1
+        assert [x["task_id"] for x in view["executions"]] == [holder, waiter]
+        r = cli(settings, "tasks", "list", "--state", "running", "--json")
+        listed = {t["task_id"]: t for t in json.loads(r.stdout)}
+        assert listed[holder]["counts"] == {"sent": 1} and listed[waiter]["counts"] == {
+            "waiting": 1
+        }
+        await ed.cancel(holder)
+        await ed.cancel(waiter)
+        await ed.wait_done(waiter, timeout_s=30)
+    r = cli(settings, "device", "show", "never-seen-device")
+    assert r.returncode == 1 and "no device" in r.stderr

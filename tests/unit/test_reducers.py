@@ -62,3 +62,22 @@ def test_executions_end_in_exactly_their_terminal_state(history: list[Any]) -> N
     locked = {e.exec_id for e in events if e.type == "Locked"}
     assert set(attempts) == locked
     assert all(a["outcome"] is not None for a in attempts.values())
+    for device in project(events)["devices"].values():  # drained: nothing left on the device
+        assert device["live"] == [] and not device["busy"] and device["queued"] == 0
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ops, max_size=40))
+def test_the_device_view_matches_the_deciders_state(history: list[Any]) -> None:
+    world = World()
+    for op in history:
+        apply(world, op)
+    docs = project(world.log)["devices"]
+    if not world.log:
+        return
+    doc = docs[world.state.device_id]
+    live = world.state.live
+    assert {p["task_id"]: p["state"] for p in doc["live"]} == {t: x.status for t, x in live.items()}
+    active = world.state.active
+    assert doc["current_task"] == (active.task_id if active else None)
+    assert doc["queued"] == len(live) - (1 if active else 0)
