@@ -178,7 +178,7 @@ def script_register(
     if not file.is_file():
         fail(f"{file} is not a file")
     content = file.read_text()
-    sid = script_id or file.stem.replace("_", "-")
+    sid = script_id or file.stem
 
     async def go() -> None:
         async with EventDispatch(settings()) as ed:
@@ -357,7 +357,8 @@ def cancel(
     async def go() -> int:
         async with EventDispatch(settings()) as ed:
             command_id = await ed.cancel(task_id, device_list, reason)
-        out.print(f"cancel requested for task [bold]{task_id}[/] (command {command_id})")
+            await ed.wait_cancel_accepted(task_id, command_id)
+        out.print(f"cancel accepted for task [bold]{task_id}[/]: its live executions end now")
         return 0
 
     raise typer.Exit(_run(go()))

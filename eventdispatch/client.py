@@ -152,8 +152,10 @@ class EventDispatch:
             script_version=script_version,
             devices=list(devices),
             execute_at_ms=int(execute_at.timestamp() * 1000) if execute_at else None,
-            max_attempts=max_attempts or self.settings.default_max_attempts,
-            timeout_s=timeout_s or self.settings.default_timeout_s,
+            max_attempts=self.settings.default_max_attempts
+            if max_attempts is None
+            else max_attempts,
+            timeout_s=self.settings.default_timeout_s if timeout_s is None else timeout_s,
             priority=priority,
             params_json=json.dumps(params or {}, separators=(",", ":")),
         )
@@ -172,6 +174,19 @@ class EventDispatch:
         )
         return await self._send(command, task_id)
 
+    async def wait_cancel_accepted(
+        self, task_id: str, command_id: str, timeout_s: float = 30
+    ) -> None:
+        """Wait for the planner's verdict on a cancel; raises CommandRejected if refused."""
+        store = await self.store()
+
+        async def outcome() -> bool | None:
+            await self._raise_if_rejected(command_id)
+            task = await store.collection("tasks").find_one({"_id": task_id})
+            return True if task and command_id in task.get("cancel_requests", []) else None
+
+        await _poll(outcome, timeout_s, f"the cancel of task {task_id!r} to be accepted")
+
     async def wait_accepted(self, sub: Submission, timeout_s: float = 30) -> TaskSummary:
         """Wait for the planner's verdict; raises CommandRejected with its reason code."""
         store = await self.store()
@@ -188,7 +203,13 @@ class EventDispatch:
                 )
             return summary
 
-        return await _poll(outcome, timeout_s, f"task {sub.task_id!r} to be accepted")
+        return await _poll(
+            outcome,
+            timeout_s,
+            f"task {sub.task_id!r} to be accepted",
+            f"the command stays queued and is planned when the service runs; "
+            f"`eventdispatch cancel {sub.task_id}` withdraws it",
+        )
 
     async def status(self, task_id: str) -> TaskSummary | None:
         return await queries.task_summary(await self.store(), task_id)
@@ -218,7 +239,9 @@ class EventDispatch:
             raise CommandRejected(doc["reason_code"], doc["reason"])
 
 
-async def _poll(check: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:
+async def _poll(
+    check: Callable[[], Awaitable[T | None]], timeout_s: float, what: str, meanwhile: str = ""
+) -> T:
     deadline = time.monotonic() + timeout_s
     while True:
         found = await check()
@@ -226,7 +249,8 @@ async def _poll(check: Callable[[], Awaitable[T | None]], timeout_s: float, what
             return found
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"timed out after {timeout_s}s waiting for {what}: is `eventdispatch run` running?"
+                f"timed out after {timeout_s}s waiting for {what}: is `eventdispatch run` "
+                f"running?{' ' + meanwhile if meanwhile else ''}"
             )
         await asyncio.sleep(0.1)
 
@@ -262,6 +286,14 @@ class SyncEventDispatch:
     def close(self) -> None:
         self._run(self._client.close())
         self._loop.close()
+
+    def __enter__(self) -> SyncEventDispatch:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 async def _make(settings: Settings | None) -> EventDispatch:

@@ -52,7 +52,12 @@ def _stop_on_signals() -> asyncio.Event:
 async def run(settings: Settings, with_projector: bool = True) -> None:
     stop = _stop_on_signals()
     bus = Bus(settings)
-    r = redis.Redis.from_url(settings.redis_url)
+    # A blocking pool: thousands of devices share 64 connections and wait their turn, where
+    # the default pool raises "Too many connections" past its limit (redis-py 6+).
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=64, timeout=None
+    )
+    r = redis.Redis(connection_pool=pool)
     registry = Registry(r, settings.redis_prefix)
     central = CentralControl(
         settings.central_url,
