@@ -231,7 +231,7 @@ class EventDispatch:
                     return summary
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"task {task_id!r} did not finish within {timeout_s}s")
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(1.0)  # counting is a scan of the task's executions
 
     async def _raise_if_rejected(self, command_id: str) -> None:
         doc = await queries.rejection(await self.store(), command_id)

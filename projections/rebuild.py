@@ -159,7 +159,7 @@ async def rebuild(
                 "started_at_ms": int(time.time() * 1000),
             }
         )
-        store = ProjectionStore(db, {**live, **{m: gen for m in models}})
+        store = ProjectionStore(db, {**live, **{m: gen for m in models}}, frozenset(models))
         await store.ensure_indexes()
         only = frozenset(models)
         topics = []

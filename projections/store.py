@@ -55,10 +55,16 @@ class ProjectionStore:
     last are kept in memory (up to CACHE_DOCS) and a batch reads from MongoDB only the
     documents it has not seen."""
 
-    def __init__(self, db: AsyncDatabase[Doc], generations: Generations) -> None:
+    def __init__(
+        self, db: AsyncDatabase[Doc], generations: Generations, empty: frozenset[str] = frozenset()
+    ) -> None:
+        """`empty` names models whose collections start empty (a rebuild's new generation):
+        for them the store remembers every key it wrote, and a key it never wrote needs no
+        lookup."""
         self.db = db
         self.generations = dict(generations)
         self._cache: dict[str, dict[str, Doc]] = defaultdict(dict)
+        self._written: dict[str, set[str]] = {m: set() for m in empty}
 
     @classmethod
     async def open(cls, db: AsyncDatabase[Doc]) -> ProjectionStore:
@@ -74,6 +80,7 @@ class ProjectionStore:
         for model, gen in generations.items():
             if self.generations.get(model) != gen:
                 self._cache.pop(model, None)
+                self._written.pop(model, None)
         self.generations = dict(generations)
 
     async def ensure_indexes(self) -> None:
@@ -96,7 +103,8 @@ class ProjectionStore:
                 continue
             coll = self.collection(model.name)
             cache = self._cache[model.name]
-            missing = [k for k in grouped if k not in cache]
+            written = self._written.get(model.name)
+            missing = [k for k in grouped if k not in cache and (written is None or k in written)]
             found = {k: cache[k] for k in grouped if k in cache}
             if missing:
                 found.update({d["_id"]: d async for d in coll.find({"_id": {"$in": missing}})})
@@ -114,12 +122,15 @@ class ProjectionStore:
                         inserts.append(doc)
                     else:
                         replaces.append(ReplaceOne({"_id": key}, doc))
+            if written is not None:  # before the write: a retry after a partial one looks up
+                written.update(changed)
             if inserts:  # cheaper than upserts; a concurrent writer would be a bug
                 await coll.insert_many(inserts, ordered=False)
             if replaces:
                 await coll.bulk_write(replaces, ordered=False)
             if len(cache) + len(changed) > CACHE_DOCS:
                 cache.clear()
+
             cache.update(changed)  # only after the write: a failed batch is read again
 
     async def apply_logs(self, lines: list[dict[str, Any]]) -> None:

@@ -4,6 +4,7 @@ test session, and the service and the Central Control simulator as real subproce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pymongo
 import pytest
 import redis
 
@@ -96,8 +98,9 @@ class Service:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
-@pytest.fixture(scope="session")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+@contextlib.contextmanager
+def environment() -> Iterator[Settings]:
+    """A namespace, database and Redis prefix of their own, removed afterwards."""
     ns = f"t-{uuid.uuid4().hex[:8]}"
     s = Settings(
         namespace=ns,
@@ -113,15 +116,48 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         admin.provision(s)
     except Exception as e:
         pytest.exit(f"the stack is not reachable ({e}); run `eventdispatch stack up` first", 3)
-    yield s
-    import pymongo
+    try:
+        yield s
+    finally:
+        pymongo.MongoClient(s.mongo_url).drop_database(s.mongo_db)
+        r = redis.Redis.from_url(s.redis_url)
+        keys = list(r.scan_iter(f"{s.redis_prefix}:*", count=1000))
+        for i in range(0, len(keys), 1000):
+            r.delete(*keys[i : i + 1000])
+        admin.delete_namespace(s)
 
-    pymongo.MongoClient(s.mongo_url).drop_database(s.mongo_db)
-    r = redis.Redis.from_url(s.redis_url)
-    keys = list(r.scan_iter(f"{s.redis_prefix}:*", count=1000))
-    for i in range(0, len(keys), 1000):
-        r.delete(*keys[i : i + 1000])
-    admin.delete_namespace(s)
+
+@contextlib.contextmanager
+def running_simulator(settings: Settings, record: Path, logs: Path) -> Iterator[Service]:
+    behaviour = logs / "behaviour.json"
+    behaviour.write_text(json.dumps(BEHAVIOUR))
+    port = settings.central_url.rsplit(":", 1)[1]
+    argv = [sys.executable, "-m", "eventdispatch.cli", "simulate", "--port", port]
+    argv += ["--record", str(record), "--behaviour", str(behaviour), "--latency-ms", "5:20"]
+    sim = Service("simulator", argv, _env(settings), logs)
+    sim.start()
+    try:
+        sim.wait_for_log("simulator record")
+        yield sim
+    finally:
+        sim.stop()
+
+
+@contextlib.contextmanager
+def running_service(settings: Settings, logs: Path) -> Iterator[Service]:
+    argv = [sys.executable, "-m", "eventdispatch.cli", "run"]
+    svc = Service("service", argv, _env(settings), logs)
+    svc.start()
+    svc.wait_for_log("worker started")
+    yield svc
+    code = svc.stop()
+    assert code == 0, f"the service did not drain cleanly (exit {code}):\n{svc.tail()}"
+
+
+@pytest.fixture(scope="session")
+def settings() -> Iterator[Settings]:
+    with environment() as s:
+        yield s
 
 
 @pytest.fixture(scope="session")
@@ -133,50 +169,16 @@ def sim_record(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def simulator(
     settings: Settings, sim_record: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    logs = tmp_path_factory.mktemp("logs")
-    behaviour = logs / "behaviour.json"
-    behaviour.write_text(json.dumps(BEHAVIOUR))
-    port = settings.central_url.rsplit(":", 1)[1]
-    sim = Service(
-        "simulator",
-        [
-            sys.executable,
-            "-m",
-            "eventdispatch.cli",
-            "simulate",
-            "--port",
-            port,
-            "--record",
-            str(sim_record),
-            "--behaviour",
-            str(behaviour),
-            "--latency-ms",
-            "5:20",
-        ],
-        _env(settings),
-        logs,
-    )
-    sim.start()
-    sim.wait_for_log("simulator record")
-    yield sim
-    sim.stop()
+    with running_simulator(settings, sim_record, tmp_path_factory.mktemp("logs")) as sim:
+        yield sim
 
 
 @pytest.fixture(scope="session")
 def service(
     settings: Settings, simulator: Service, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    svc = Service(
-        "service",
-        [sys.executable, "-m", "eventdispatch.cli", "run"],
-        _env(settings),
-        tmp_path_factory.mktemp("service"),
-    )
-    svc.start()
-    svc.wait_for_log("worker started")
-    yield svc
-    code = svc.stop()
-    assert code == 0, f"the service did not drain cleanly (exit {code}):\n{svc.tail()}"
+    with running_service(settings, tmp_path_factory.mktemp("service")) as svc:
+        yield svc
 
 
 def read_record(path: Path) -> list[dict[str, Any]]:
