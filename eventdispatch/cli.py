@@ -452,14 +452,26 @@ def _time(ms: int | None) -> str:
 
 @app.command()
 def lag() -> None:
-    """How far the projector is behind the log: messages not yet applied, per topic."""
+    """How far the projector is behind the log: messages not yet applied per topic, and the
+    age of the newest event it applied when any are waiting."""
     from eventdispatch import admin
 
     s = settings()
-    table = Table("topic", "subscription", "behind (messages)")
+
+    async def checkpoint() -> dict[str, Any] | None:
+        async with EventDispatch(s) as ed:
+            return await (await ed.store()).db.projection_meta.find_one({"_id": "checkpoint"})
+
+    last = _run(checkpoint())
+    table = Table("topic", "subscription", "behind (messages)", "behind (seconds)")
     for topic, sub in (("events", "projector"), ("device-logs", "projector-logs")):
         n = admin.backlog(s, topic, sub)
-        table.add_row(topic, sub, "no projector yet" if n is None else f"{n:,}")
+        seconds = "-"
+        if topic == "events" and n and last:
+            seconds = f"{max(0.0, time.time() - last['published_at_ms'] / 1000):.1f}"
+        elif n == 0:
+            seconds = "0"
+        table.add_row(topic, sub, "no projector yet" if n is None else f"{n:,}", seconds)
     out.print(table)
 
 

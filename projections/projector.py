@@ -125,6 +125,20 @@ class Projector:
             decoded.append(wire.event_from_record(record))
         await retry_in_place("project events", lambda: self.store.apply(decoded))
         self.applied += len(decoded)
+        if batch:
+            await retry_in_place("checkpoint", lambda: self._checkpoint(batch[-1]))
+
+    async def _checkpoint(self, last: pulsar.Message) -> None:
+        """Record when the newest applied event was published, for `eventdispatch lag`."""
+        await self.store.db.projection_meta.replace_one(
+            {"_id": "checkpoint"},
+            {
+                "_id": "checkpoint",
+                "published_at_ms": last.publish_timestamp(),
+                "applied_at_ms": int(time.time() * 1000),
+            },
+            upsert=True,
+        )
 
     async def _apply_logs(self, batch: list[pulsar.Message]) -> None:
         lines = await self._decode("device-logs", batch)

@@ -228,3 +228,8 @@ async def test_queries_show_a_busy_device_and_the_task_list(
         await ed.wait_done(waiter, timeout_s=30)
     r = cli(settings, "device", "show", "never-seen-device")
     assert r.returncode == 1 and "no device" in r.stderr
+    await caught_up(settings)
+    r = cli(settings, "lag")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if "projector" in line]
+    assert len(rows) == 2 and all(" 0 " in row for row in rows)
