@@ -517,15 +517,19 @@ def rebuild(
         started = time.monotonic()
         done = 0
 
-        def total(n: int) -> None:
-            current = progress.tasks[0].total or 0
-            progress.update(bar, total=current + n)
+        entries = 0
+
+        def total(n: int) -> None:  # a lower bound: entries, each one or more messages
+            nonlocal entries
+            entries += n
 
         def advance(n: int) -> None:
             nonlocal done
             done += n
             rate = done / max(time.monotonic() - started, 1e-6)
-            progress.update(bar, advance=n, rate=f"{rate:,.0f} events/s")
+            # Once the bound is passed, estimate the rest from the average batch seen so far.
+            estimate = max(entries, done + 1) if done < entries else None
+            progress.update(bar, advance=n, total=estimate, rate=f"{rate:,.0f} events/s")
 
         outcome = asyncio.run(rb.rebuild(settings(), models, verify, rb.Progress(total, advance)))
     out.print(
@@ -564,6 +568,11 @@ def _run(coro: Any) -> Any:
             hint = "is the stack up? (eventdispatch stack status)"
             fail(f"cannot reach a service ({name}: {e}); {hint}")
         raise
+
+
+from eventdispatch.audit_cli import audit  # noqa: E402
+
+app.command()(audit)
 
 
 def main() -> None:

@@ -41,7 +41,9 @@ Position = list[int]
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """Callbacks for a progress display: a topic's message count once known, then each batch."""
+    """Callbacks for a progress display: a topic's backlog once known, then each batch. The
+    backlog counts broker entries, and a batched entry holds several messages, so it is a
+    lower bound of the messages to read."""
 
     total: Callable[[int], None] = lambda _: None
     advance: Callable[[int], None] = lambda _: None
@@ -109,7 +111,7 @@ async def _read_into(
     if end is None:
         return 0, None
     receiver = await bus.receiver(topic, subscription, ConsumerType.Exclusive, 5000)
-    progress.total(admin.backlog(settings, topic, subscription) or 0)
+    progress.total(admin.backlog(settings, topic, subscription) or 0)  # entries, see Progress
     never = asyncio.Event()
     read = 0
     last: Position | None = None
