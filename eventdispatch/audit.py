@@ -29,6 +29,7 @@ from eventdispatch import events as ev
 from eventdispatch.decider import DeviceState, evolve
 from eventdispatch.events import PAYLOAD_TYPES, Event, parse_exec_id
 from projections.reducers import MODELS, Doc
+from projections.reducers import fold as fold_models
 
 # --- time ------------------------------------------------------------------------------------
 
@@ -420,24 +421,6 @@ def fold_devices(events: Iterable[Event], devices: Iterable[str]) -> dict[str, D
         if state is not None and e.seq > state.seq:
             states[state.device_id] = evolve(state, e)
     return states
-
-
-def fold_models(
-    events: Iterable[Event], names: Iterable[str] | None = None
-) -> dict[str, dict[str, Doc]]:
-    """The read models' documents from these events, with the projector's own reducers."""
-    wanted = set(names) if names is not None else {m.name for m in MODELS}
-    models = [m for m in MODELS if m.name in wanted]
-    out: dict[str, dict[str, Doc]] = {m.name: {} for m in models}
-    for e in events:
-        for m in models:
-            key = m.key(e)
-            if key is None:
-                continue
-            doc = m.reduce(out[m.name].get(key), e)
-            if doc is not None:
-                out[m.name][key] = doc
-    return out
 
 
 def device_state_json(state: DeviceState) -> dict[str, Any]:

@@ -8,7 +8,7 @@ are written once. That makes replays, redeliveries and rebuilds harmless (I5).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,6 +264,23 @@ MODELS = (
     Model("scripts", script_key, reduce_script),
     Model("rejections", rejection_key, reduce_rejection),
 )
+
+
+def fold(events: Iterable[Event], names: Iterable[str] | None = None) -> dict[str, dict[str, Doc]]:
+    """The documents of the read models (all, or `names`) that these events make, in memory:
+    what the projector would write, for audits and tests."""
+    wanted = set(names) if names is not None else {m.name for m in MODELS}
+    models = [m for m in MODELS if m.name in wanted]
+    out: dict[str, dict[str, Doc]] = {m.name: {} for m in models}
+    for e in events:
+        for m in models:
+            key = m.key(e)
+            if key is None:
+                continue
+            doc = m.reduce(out[m.name].get(key), e)
+            if doc is not None:
+                out[m.name][key] = doc
+    return out
 
 
 def log_doc(line: dict[str, Any]) -> Doc:

@@ -8,21 +8,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eventdispatch.events import Event
-from projections.reducers import MODELS, Doc
+from projections.reducers import Doc, fold
 from tests.unit.test_decider import World, apply, drain, ops
 
 
 def project(events: list[Event]) -> dict[str, dict[str, Doc]]:
-    out: dict[str, dict[str, Doc]] = {m.name: {} for m in MODELS}
-    for e in events:
-        for m in MODELS:
-            key = m.key(e)
-            if key is None:
-                continue
-            doc = m.reduce(out[m.name].get(key), e)
-            if doc is not None:
-                out[m.name][key] = doc
-    return out
+    return fold(events)
 
 
 def history_events(history: list[Any]) -> list[Event]:
