@@ -8,6 +8,7 @@ crash mid-batch redelivers events that the reducers then skip (seq guard).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,9 @@ class Projector:
         self.batch_size = batch_size
         self.applied = 0
         self._alias_checked = 0.0
+        # One writer at a time: the events batch, the logs batch and a replay all read and
+        # write documents, and must not interleave on the same ones.
+        self._lock = asyncio.Lock()
 
     async def run(self, stop: asyncio.Event) -> None:
         size = self.batch_size
@@ -58,7 +62,17 @@ class Projector:
         await asyncio.gather(
             _batches(events, stop, self._apply_events),
             _batches(logs, stop, self._apply_logs),
+            self._watch_alias(stop),
         )
+
+    async def _watch_alias(self, stop: asyncio.Event) -> None:
+        """Follow a rebuild's switch even when no event arrives to trigger it."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), ALIAS_CHECK_S)
+            if not stop.is_set():
+                async with self._lock:
+                    await retry_in_place("follow alias", self._follow_alias)
 
     async def _decode(self, topic: str, batch: list[pulsar.Message]) -> list[Any]:
         out = []
@@ -119,7 +133,11 @@ class Projector:
         log.info("replayed %d messages of %s into the new generation", replayed, topic)
 
     async def _apply_events(self, batch: list[pulsar.Message]) -> None:
-        await self._follow_alias()
+        async with self._lock:
+            await self._follow_alias()
+            await self._apply_events_now(batch)
+
+    async def _apply_events_now(self, batch: list[pulsar.Message]) -> None:
         decoded: list[Event] = []
         for record in await self._decode("events", batch):
             decoded.append(wire.event_from_record(record))
@@ -142,4 +160,5 @@ class Projector:
 
     async def _apply_logs(self, batch: list[pulsar.Message]) -> None:
         lines = await self._decode("device-logs", batch)
-        await retry_in_place("project logs", lambda: self.store.apply_logs(lines))
+        async with self._lock:
+            await retry_in_place("project logs", lambda: self.store.apply_logs(lines))

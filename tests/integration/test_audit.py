@@ -207,12 +207,24 @@ async def test_diff_agrees_until_a_projection_document_is_corrupted(
     attempt = f"{execution}:1"
     mongo = connect(settings.mongo_url)
     store = await ProjectionStore.open(mongo[settings.mongo_db])
+    saved_execution = await store.collection("executions").find_one({"_id": execution})
+    saved_attempt = await store.collection("attempts").find_one({"_id": attempt})
+    assert saved_execution is not None and saved_attempt is not None
     await store.collection("executions").update_one(
         {"_id": execution}, {"$set": {"state": "failed"}}
     )
     await store.collection("attempts").delete_one({"_id": attempt})
-    await mongo.close()
+    try:
+        await _check_the_corruption_is_found(settings, scenario, execution, attempt)
+    finally:  # the session's read models are shared: put them back as they were
+        await store.collection("executions").replace_one({"_id": execution}, saved_execution)
+        await store.collection("attempts").insert_one(saved_attempt)
+        await mongo.close()
 
+
+async def _check_the_corruption_is_found(
+    settings: Settings, scenario: Scenario, execution: str, attempt: str
+) -> None:
     result = audit(settings, "--diff", "--device", scenario.retried, "--format", "json")
     assert result.returncode == 1, result.stderr
     assert "2 documents differ" in result.stderr
