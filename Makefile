@@ -11,7 +11,6 @@ help:  ## list the targets
 
 $(ED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(ED)
 
