@@ -570,6 +570,72 @@ def _run(coro: Any) -> Any:
         raise
 
 
+@app.command()
+def bench(
+    only: Annotated[
+        str,
+        typer.Option(
+            help="Parts to run, comma-separated: floor (raw pulsar-client round trip), e2e "
+            "(executions/s, command to Succeeded projected), latency (command to Sent at a "
+            "fixed rate), timers (lateness of scheduled starts and timeouts), fanout (a "
+            "100,000-device task, peak memory), projector and rebuild (events/s).",
+        ),
+    ] = "floor,e2e,latency,timers,fanout,projector,rebuild",
+    json_out: Annotated[Path, typer.Option(help="Where to write the results as JSON.")] = Path(
+        "bench-results.json"
+    ),
+    workers: Annotated[str, typer.Option(help="Worker process counts for e2e.")] = "1,2",
+    devices: Annotated[str, typer.Option(help="Fleet sizes for e2e.")] = "1000,10000",
+    rate: Annotated[float, typer.Option(help="Commands/s offered in the latency part.")] = 200,
+    duration: Annotated[float, typer.Option(help="Seconds the latency part offers them.")] = 10,
+    fanout_devices: Annotated[int, typer.Option(help="Devices of the fan-out task.")] = 100_000,
+    projector_devices: Annotated[
+        int, typer.Option(help="Executions in the log the projector and rebuild parts read.")
+    ] = 5_000,
+    keep: Annotated[
+        bool, typer.Option(help="Keep the scratch namespaces, databases and Redis keys.")
+    ] = False,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="py-spy record every process of the e2e runs into this folder."),
+    ] = None,
+) -> None:
+    """Measure the service on the running stack and print a table (issue 7).
+
+    Each part runs its own simulator (zero latency) and service processes in a scratch
+    namespace, database and Redis prefix, deleted afterwards. Record the machine's load with
+    the numbers (it is in the JSON): these are benchmark figures, not tests. All parts take
+    about 10 to 20 minutes; `--only floor,latency` a minute or two. See docs/benchmarks.md."""
+    from eventdispatch import bench as b
+
+    try:
+        parts = b.parse_list(only, b.PARTS)
+        opts = b.Options(
+            workers=[int(w) for w in b.parse_list(workers)],
+            devices=[int(d) for d in b.parse_list(devices)],
+            rate=rate,
+            duration_s=duration,
+            fanout_devices=fanout_devices,
+            projector_devices=projector_devices,
+            keep=keep,
+            log=lambda m: err.print(f"[dim]{m}[/]"),
+            profile=str(profile) if profile else None,
+        )
+    except ValueError as e:
+        fail(str(e))
+    result = b.run(parts, opts)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    table = Table("part", "measurement", "value", "target", title="eventdispatch bench")
+    for row in b.rows(result):
+        table.add_row(*row)
+    out.print(table)
+    m = result["machine"]
+    out.print(
+        f"load average {m['load_average_at_start']} -> {m['load_average_at_end']} on "
+        f"{m['cpus']} CPUs; workers: {m['workers_mode']}; JSON: {json_out}"
+    )
+
+
 from eventdispatch.audit_cli import audit  # noqa: E402
 
 app.command()(audit)
