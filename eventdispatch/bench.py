@@ -185,6 +185,48 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time a live process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stack_pids() -> dict[str, int]:
+    """The shared stack's processes (Pulsar, the MongoDB-compatible store, Redis), by name."""
+    wanted = {
+        "pulsar": "PulsarStandaloneStarter",
+        "mongo": "127.0.0.1:27017",
+        "redis": "redis-server",
+    }
+    found: dict[str, int] = {}
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            cmd = path.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            for name, needle in wanted.items():
+                if needle in cmd and name not in found and "bench" not in cmd:
+                    found[name] = int(path.parent.name)
+    return found
+
+
+class CpuMeter:
+    """CPU seconds each process spends between `start` and `stop`."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.before = {n: cpu_seconds(p) for n, p in pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        out = {}
+        for name, pid in self.pids.items():
+            now, then = cpu_seconds(pid), self.before.get(name)
+            if now is not None and then is not None:
+                out[name] = round(now - then, 2)
+        return out
+
+
 class Proc:
     """A service process of the benchmark, its output in a log file."""
 
@@ -296,6 +338,15 @@ class Deployment:
         self.procs.append(proj)
         proj.wait_for("projector started")
         return proj
+
+    def pids(self) -> dict[str, int]:
+        """Every live process of the deployment (a supervisor's workers too), by name."""
+        out: dict[str, int] = {}
+        for p in self.procs:
+            pids = descendants(p.popen.pid)
+            for pid in pids:
+                out[p.name if len(pids) == 1 else f"{p.name}[{pid}]"] = pid
+        return out
 
     def stop_workers(self) -> None:
         for p in self.procs:
@@ -642,9 +693,11 @@ def _e2e_run(o: Options, workers: int, devices: int) -> dict[str, Any]:
                 if o.profile:
                     spy.extend(_py_spy(dep, Path(o.profile), f"{workers}w{devices}"))
                 fleet = [f"dev-{i:06d}" for i in range(devices)]
+                cpu = CpuMeter({**dep.pids(), **stack_pids(), "bench": os.getpid()})
                 t0 = time.time()
                 await ed.submit("bench", "bench", fleet)
                 end = await _wait_done(s, "bench", devices, max(300, devices / 10))
+                used = cpu.stop()
                 decided = await _last_ended(s, "bench")
             return {
                 "workers": workers,
@@ -654,6 +707,8 @@ def _e2e_run(o: Options, workers: int, devices: int) -> dict[str, Any]:
                 "decided_per_s": round(rate(devices, decided - t0)),
                 "load_average": [load_before, load_average()],
                 "peak_rss_mb": dep.peaks(),
+                "cpu_s": used,
+                "cpu_ms_per_execution": round(sum(used.values()) * 1000 / devices, 2),
             }
 
         try:
@@ -670,12 +725,12 @@ def _py_spy(dep: Deployment, folder: Path, label: str) -> list[subprocess.Popen[
     out = []
     for p in dep.procs:
         for pid in descendants(p.popen.pid):
-            svg = folder / f"{label}-{p.name}-{pid}.speedscope.json"
+            svg = folder / f"{label}-{p.name}-{pid}.collapsed.txt"
             out.append(
                 subprocess.Popen(
                     [
                         *("py-spy", "record", "-p", str(pid), "-o", str(svg)),
-                        *("-f", "speedscope", "-r", "50", "--nonblocking"),
+                        *("-f", "raw", "-r", "50", "--nonblocking"),
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
