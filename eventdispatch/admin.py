@@ -217,3 +217,17 @@ def drop_subscription(settings: Settings, topic: str, subscription: str) -> None
         response = _request(client, "DELETE", path, params={"force": "true"})
     if response.status_code not in (200, 204, 404):
         raise _error(response)
+
+
+def namespace_properties(settings: Settings) -> dict[str, str]:
+    """The namespace's properties: small facts the deployment records with its log."""
+    path = f"/admin/v2/namespaces/{settings.tenant}/{settings.namespace}/properties"
+    with _client(settings) as client:
+        found = _get(client, path)
+    return {str(k): str(v) for k, v in (found or {}).items()}
+
+
+def set_namespace_property(settings: Settings, key: str, value: str) -> None:
+    path = f"/admin/v2/namespaces/{settings.tenant}/{settings.namespace}/properties"
+    with _client(settings) as client:
+        _put(client, path, {key: value})

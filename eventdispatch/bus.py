@@ -136,6 +136,18 @@ class Bus:
         await self.client.close()
 
 
+async def acknowledge(consumer: pulsar.asyncio.Consumer, msg: pulsar.Message) -> None:
+    """Acknowledge, and let a failure (the broker away) pass: an acknowledgement lost costs a
+    redelivery, which every stage recognises, while raising here would abandon the work
+    queued behind this message."""
+    try:
+        await consumer.acknowledge(msg)
+    except Exception as e:
+        log.warning(
+            "acknowledgement lost (%s: %s); the message will be redelivered", type(e).__name__, e
+        )
+
+
 async def publish(producer: pulsar.asyncio.Producer, items: Sequence[Outgoing]) -> None:
     """Publish in order and wait until every message is durable.
 

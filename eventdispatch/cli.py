@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
@@ -44,6 +45,8 @@ tasks_app = typer.Typer(help="List tasks and their progress (from the projection
 device_app = typer.Typer(help="Look at one device (from the projections).")
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(device_app, name="device")
+state_app = typer.Typer(help="The device processors' working state in Redis.")
+app.add_typer(state_app, name="state")
 
 out = Console()
 err = Console(stderr=True)
@@ -98,29 +101,149 @@ def _print_status() -> None:
 # --- service ---------------------------------------------------------------------------------
 @app.command()
 def run(
-    projector: Annotated[
-        bool, typer.Option("--projector/--no-projector", help="Also run the projector.")
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            "-w",
+            min=1,
+            help="Worker processes, each running the planner, device processor, timer relay "
+            "and log bridge. Add more here or on other machines that reach the broker. "
+            "Default: the CPU count.",
+        ),
+    ] = os.cpu_count() or 1,
+    with_projector: Annotated[
+        bool,
+        typer.Option(
+            "--with-projector/--no-projector",
+            help="Also run the projector (one process). Without it, run `eventdispatch "
+            "project` elsewhere, or the read models (status, tasks, device) stand still.",
+        ),
     ] = True,
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve /status, /healthz and /readyz on this loopback port "
+            "[default: EVENTDISPATCH_HEALTH_PORT or 8790]."
+        ),
+    ] = None,
 ) -> None:
-    """Run the service in this process: planner, device processor, timer relay, log bridge and
-    projector. Stops cleanly on Ctrl-C or SIGTERM."""
-    from eventdispatch import admin, worker
+    """Run the service: a supervisor with N worker processes and the projector.
+
+    A worker that dies is started again with backoff. Ctrl-C or SIGTERM drains: each worker
+    stops receiving, finishes its in-flight devices, acknowledges, flushes and exits; then
+    the supervisor exits 0. `eventdispatch health` shows the workers."""
+    from eventdispatch import admin, supervisor
 
     s = settings()
     logs.setup(s.log_level)
     admin.provision(s)
-    asyncio.run(worker.run(s, with_projector=projector))
+    port = health_port if health_port is not None else s.health_port
+    try:
+        code = asyncio.run(supervisor.supervise(s, workers, with_projector, port))
+    except supervisor.SupervisorError as e:
+        fail(str(e), code=2)
+    raise typer.Exit(code)
+
+
+@app.command(hidden=True)
+def worker(
+    role: Annotated[str, typer.Option(help="stages, projector or all.")] = "all",
+) -> None:
+    """One worker process in the foreground (what `run` supervises)."""
+    from eventdispatch import worker as worker_module
+
+    if role not in ("stages", "projector", "all"):
+        fail(f"unknown role {role!r}; choose stages, projector or all")
+    s = settings()
+    logs.setup(s.log_level)
+    fd = os.environ.get("EVENTDISPATCH_HEALTH_FD")
+    code = asyncio.run(
+        worker_module.run(
+            s,
+            with_stages=role in ("stages", "all"),
+            with_projector=role in ("projector", "all"),
+            heartbeat_fd=int(fd) if fd else None,
+        )
+    )
+    raise typer.Exit(code)
 
 
 @app.command()
 def project() -> None:
-    """Run only the projector: keep the MongoDB read models current from the log."""
-    from eventdispatch import admin, worker
+    """Run only the projector: keep the MongoDB read models current from the log. Use it
+    with `run --no-projector` to place the projector apart from the workers."""
+    from eventdispatch import admin
+    from eventdispatch import worker as worker_module
 
     s = settings()
     logs.setup(s.log_level)
     admin.provision(s)
-    asyncio.run(worker.run_projector(s))
+    raise typer.Exit(asyncio.run(worker_module.run(s, with_stages=False, with_projector=True)))
+
+
+@state_app.command("rebuild")
+def state_rebuild() -> None:
+    """Rebuild Redis' working state (device states, scripts, tasks) from the events topic.
+
+    Run it after Redis lost its data or was replaced: workers refuse to process until then
+    (`eventdispatch health` says so) and resume by themselves when it ends. Safe while they
+    run: they pause during the rebuild. Every key under the Redis prefix is replaced."""
+    from eventdispatch import state
+
+    s = settings()
+    columns = (TextColumn("state rebuild"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as progress:
+        bar = progress.add_task("events", total=None)
+
+        def advance(done: int, total: int | None) -> None:
+            progress.update(bar, completed=done, total=max(total, done) if total else None)
+
+        rebuilt = _run(state.rebuild(s, advance))
+    out.print(
+        f"read {rebuilt.events:,} events in {rebuilt.seconds:.1f}s: {rebuilt.devices:,} "
+        f"device states, {rebuilt.scripts:,} script versions, {rebuilt.tasks:,} tasks; "
+        f"state generation {rebuilt.generation}"
+    )
+
+
+@app.command()
+def health(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status.")] = False,
+    health_port: Annotated[
+        int | None,
+        typer.Option(help="The supervisor's port [default: EVENTDISPATCH_HEALTH_PORT or 8790]."),
+    ] = None,
+) -> None:
+    """Show the workers of a running `eventdispatch run`: alive, ready, restarts, and what
+    each is waiting on. Exits 1 unless every worker is ready, 2 if no supervisor answers."""
+    import httpx
+
+    port = health_port if health_port is not None else settings().health_port
+    url = f"http://127.0.0.1:{port}/status"
+    try:
+        status = httpx.get(url, timeout=5).json()
+    except httpx.HTTPError as e:
+        fail(f"no supervisor answers on {url} ({type(e).__name__}); is `eventdispatch run` up?", 2)
+    if as_json:
+        out.print_json(data=status)
+    else:
+        table = Table("process", "pid", "alive", "ready", "up", "restarts", "waiting on")
+        for w in status["workers"]:
+            waiting = "; ".join(f"{k}: {v}" for k, v in w["waiting_on"].items())
+            failed = [f"{k} {v}" for k, v in w["stages"].items() if v != "running"]
+            table.add_row(
+                w["name"],
+                str(w["pid"] or "-"),
+                "[green]yes[/]" if w["alive"] else "[red]no[/]",
+                "[green]yes[/]" if w["ready"] else "[yellow]no[/]",
+                f"{w['uptime_s']:.0f}s",
+                str(w["restarts"]),
+                "; ".join([*failed, waiting] if waiting else failed)[:120],
+            )
+        out.print(table)
+    if not status["ready"]:
+        raise typer.Exit(1)
 
 
 @app.command()

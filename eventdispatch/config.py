@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     projector_batch_size: int = 1000
     drain_grace_s: float = 20.0
 
+    # Supervisor (`run`): where it serves /status, /healthz and /readyz, on loopback
+    health_port: int = 8790
+
     # Local stack
     stack_dir: Path = Path(".stack")
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "eventdispatch")
@@ -56,6 +59,7 @@ class Settings(BaseSettings):
     ferretdb_version: str = "v1.24.2"
     pulsar_port: int = 6650
     pulsar_http_port: int = 8080
+    pulsar_bookie_port: int = 3181
     mongo_port: int = 27017
     redis_port: int = 6379
     pulsar_heap: str = "1g"

@@ -12,6 +12,7 @@ import redis.asyncio as redis
 
 from eventdispatch.bus import MessageKey
 from eventdispatch.decider import DeviceState, Execution
+from eventdispatch.generation import StateGuard, StateLost
 
 
 def encode_state(state: DeviceState, last_input: MessageKey | None) -> str:
@@ -41,24 +42,44 @@ def decode_state(raw: str | bytes) -> tuple[DeviceState, MessageKey | None]:
     return state, ((last[0], last[1], last[2]) if last else None)
 
 
-class DeviceStore:
-    """Device states under `<prefix>:dev:<device_id>`; delivery markers under `<prefix>:sent:`."""
+# Save only while the generation marker is the one this process checked: a state written
+# into a wiped or rebuilding Redis would look like the log's when it is not.
+_SAVE_IF_GENERATION = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('SET', KEYS[2], ARGV[2])
+    return 1
+end
+return 0
+"""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+
+class DeviceStore:
+    """Device states under `<prefix>:dev:<device_id>`; delivery markers under `<prefix>:sent:`.
+    Every load and save is checked against the state generation (see `state.StateGuard`)."""
+
+    def __init__(self, client: redis.Redis, prefix: str, guard: StateGuard) -> None:
         self.redis = client
         self.prefix = prefix
+        self.guard = guard
+        self._save = client.register_script(_SAVE_IF_GENERATION)
 
     def _key(self, device_id: str) -> str:
         return f"{self.prefix}:dev:{device_id}"
 
     async def load(self, device_id: str) -> tuple[DeviceState, MessageKey | None]:
-        raw = await self.redis.get(self._key(device_id))
+        """The device's state and last input; StateLost if Redis is not the log's."""
+        marker, raw = await self.redis.mget(self.guard.key, self._key(device_id))
+        await self.guard.accept(marker)
         if raw is None:
             return DeviceState(device_id), None
         return decode_state(raw)
 
     async def save(self, state: DeviceState, last_input: MessageKey | None) -> None:
-        await self.redis.set(self._key(state.device_id), encode_state(state, last_input))
+        keys = [self.guard.key, self._key(state.device_id)]
+        args = [self.guard.expected or "", encode_state(state, last_input)]
+        if not await self._save(keys=keys, args=args):
+            await self.guard.check()  # raises StateLost with the reason
+            raise StateLost("the state generation changed during the save; saving again")
 
     async def mark_delivery(self, exec_id: str) -> bool:
         """Note that a call for this attempt is about to be made; False if one was made before."""

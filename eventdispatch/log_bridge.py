@@ -8,13 +8,14 @@ device-logs itself. Key_Shared keeps one device's lines in order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import pulsar
 from pulsar import ConsumerType
 
 from eventdispatch import wire
-from eventdispatch.bus import Bus, Outgoing, publish
+from eventdispatch.bus import Bus, Outgoing, acknowledge, publish
 from eventdispatch.decider import RESULT_LEVELS
 from eventdispatch.inputs import ResultReported
 from eventdispatch.retry import retry_in_place
@@ -32,9 +33,9 @@ class LogBridge:
         try:
             while (batch := await receiver.next(stop)) is not None:
                 out = [o for o in [await self._result(msg) for msg in batch] if o is not None]
-                await retry_in_place("forward results", lambda o=out: publish(inbox, o))  # type: ignore[misc]
+                await retry_in_place("forward results", functools.partial(publish, inbox, out))
                 for msg in batch:
-                    await receiver.consumer.acknowledge(msg)
+                    await acknowledge(receiver.consumer, msg)
         finally:
             await receiver.close()
             await inbox.flush()

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
 
 class LogfmtFormatter(logging.Formatter):
+    """`proc=` names the supervised process (worker-1, projector) whose line it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        name = os.environ.get("EVENTDISPATCH_PROCESS_NAME")
+        self.proc = f" proc={name}" if name else ""
+
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         msg = record.getMessage().replace('"', "'")
         line = (
-            f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
+            f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()}{self.proc} "
             f'logger={record.name} msg="{msg}"'
         )
         if record.exc_info:

@@ -16,9 +16,10 @@ import pulsar
 from pulsar import ConsumerType
 
 from eventdispatch import commands, events, wire
-from eventdispatch.bus import Bus, Outgoing, publish
+from eventdispatch.bus import Bus, Outgoing, acknowledge, publish
 from eventdispatch.commands import CancelTask, CreateTask, Refusal, RegisterScript
 from eventdispatch.events import Event
+from eventdispatch.generation import StateGuard
 from eventdispatch.inputs import CancelRequested, Enqueue
 from eventdispatch.reasons import Reason
 from eventdispatch.registry import Registry
@@ -36,9 +37,10 @@ def _event(event_id: str, payload: events.Payload, task_id: str | None = None) -
 
 
 class Planner:
-    def __init__(self, bus: Bus, registry: Registry) -> None:
+    def __init__(self, bus: Bus, registry: Registry, guard: StateGuard) -> None:
         self.bus = bus
         self.registry = registry
+        self.guard = guard
 
     async def run(self, stop: asyncio.Event) -> None:
         # Failover, not Shared: commands are planned in the order they were published (a
@@ -50,13 +52,15 @@ class Planner:
             while (batch := await receiver.next(stop)) is not None:
                 for msg in batch:
                     await self.handle(msg)
-                    await receiver.consumer.acknowledge(msg)
+                    await acknowledge(receiver.consumer, msg)
         finally:
             await receiver.close()
             await self.events.flush()
             await self.inbox.flush()
 
     async def handle(self, msg: pulsar.Message) -> None:
+        # The registry must be the log's: a wiped one would number scripts again.
+        await retry_in_place("check state generation", self.guard.check)
         try:
             record = msg.value()
             command_id = str(record["command_id"])

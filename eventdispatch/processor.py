@@ -24,7 +24,7 @@ import pulsar.asyncio
 from pulsar import ConsumerType
 
 from eventdispatch import wire
-from eventdispatch.bus import Bus, MessageKey, Outgoing, position, publish
+from eventdispatch.bus import Bus, MessageKey, Outgoing, acknowledge, position, publish
 from eventdispatch.central import CentralControl
 from eventdispatch.decider import (
     Decision,
@@ -129,7 +129,7 @@ class DeviceProcessor:
             device_id, inp = wire.input_from_record(msg.value())
         except Exception as e:
             await self.bus.dead_letter("device-inbox", msg, f"undecodable: {e}")
-            await self.consumer.acknowledge(msg)
+            await acknowledge(self.consumer, msg)
             return
         where = position(msg)
         state, last = await retry_in_place("load state", lambda: self.store.load(device_id))
@@ -139,7 +139,7 @@ class DeviceProcessor:
             decision = decide(state, inp, now_ms(), self.policy)
             state = await self._commit(decision, where)
             await self._run_effects(state, decision.effects, where)
-        await self.consumer.acknowledge(msg)
+        await acknowledge(self.consumer, msg)
 
     async def _commit(self, decision: Decision, where: MessageKey) -> DeviceState:
         """Make a decision durable: its events, its timers, then the state that follows."""

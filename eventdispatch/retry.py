@@ -14,22 +14,45 @@ from typing import TypeVar
 log = logging.getLogger("eventdispatch.retry")
 T = TypeVar("T")
 
+_failing: dict[str, tuple[int, str]] = {}
+"""What is being retried now, in this process: what -> (how many loops, the last error)."""
+
+
+def troubles() -> dict[str, str]:
+    """What this process is waiting on now (empty when healthy), for its readiness report."""
+    return {what: error for what, (_, error) in _failing.items()}
+
+
+def _note(what: str, error: str | None, loops: int) -> None:
+    count, last = _failing.get(what, (0, ""))
+    count += loops
+    if count <= 0:
+        _failing.pop(what, None)
+    else:
+        _failing[what] = (count, error or last)
+
 
 async def retry_in_place(what: str, action: Callable[[], Awaitable[T]], cap_s: float = 5.0) -> T:
     """Run `action` until it succeeds."""
     delay = 0.1
     failures = 0
-    while True:
-        try:
-            result = await action()
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # any dependency failure: wait and try again
-            failures += 1
-            log.warning("%s failed (%s: %s), retry in %.1fs", what, type(e).__name__, e, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, cap_s)
-        else:
-            if failures:
-                log.info("%s succeeded after %d failures", what, failures)
-            return result
+    try:
+        while True:
+            try:
+                result = await action()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # any dependency failure: wait and try again
+                failures += 1
+                error = f"{type(e).__name__}: {e}"
+                _note(what, error, 1 if failures == 1 else 0)
+                log.warning("%s failed (%s), retry in %.1fs", what, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, cap_s)
+            else:
+                if failures:
+                    log.info("%s succeeded after %d failures", what, failures)
+                return result
+    finally:
+        if failures:
+            _note(what, None, -1)

@@ -107,12 +107,13 @@ def up(settings: Settings, log: Log = print) -> None:
         log(f"pulsar: provisioned {settings.topic_prefix} ({len(admin.all_topics())} topics)")
 
 
-def down(settings: Settings, log: Log = print) -> None:
-    """Stop what this checkout started (SIGTERM, then SIGKILL after a grace period)."""
+def down(settings: Settings, log: Log = print, only: tuple[str, ...] = SERVICES) -> None:
+    """Stop what this checkout started (SIGTERM, then SIGKILL after a grace period): every
+    service, or `only` those (the chaos run restarts one at a time)."""
     stack_dir = _stack_dir(settings)
     with _lock(stack_dir):
         stopping: list[tuple[str, int]] = []
-        for name in SERVICES:
+        for name in only:
             pid = _our_pid(settings, name)
             if pid is None:
                 _pid_file(settings, name).unlink(missing_ok=True)  # stale or absent
@@ -288,6 +289,8 @@ def _prepare_pulsar(settings: Settings, stack_dir: Path, log: Log) -> tuple[list
         str(data / "metadata"),
         "--bookkeeper-dir",
         str(data / "bookkeeper"),
+        "--bookkeeper-port",
+        str(settings.pulsar_bookie_port),
         "--zookeeper-dir",
         str(data / "zookeeper"),
     ]

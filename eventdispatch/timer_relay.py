@@ -9,6 +9,7 @@ still checks, and never forwards a timer early.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -16,7 +17,7 @@ import pulsar
 from pulsar import ConsumerType
 
 from eventdispatch import wire
-from eventdispatch.bus import Bus, Outgoing, publish
+from eventdispatch.bus import Bus, Outgoing, acknowledge, publish
 from eventdispatch.inputs import TimerFired
 from eventdispatch.retry import retry_in_place
 
@@ -33,9 +34,9 @@ class TimerRelay:
         try:
             while (batch := await receiver.next(stop)) is not None:
                 out = [o for o in [await self._due(msg) for msg in batch] if o is not None]
-                await retry_in_place("forward timers", lambda o=out: publish(inbox, o))  # type: ignore[misc]
+                await retry_in_place("forward timers", functools.partial(publish, inbox, out))
                 for msg in batch:
-                    await receiver.consumer.acknowledge(msg)
+                    await acknowledge(receiver.consumer, msg)
         finally:
             await receiver.close()
             await inbox.flush()

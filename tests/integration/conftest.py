@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ def _env(settings: Settings) -> dict[str, str]:
         EVENTDISPATCH_MONGO_DB=settings.mongo_db,
         EVENTDISPATCH_REDIS_PREFIX=settings.redis_prefix,
         EVENTDISPATCH_CENTRAL_URL=settings.central_url,
+        EVENTDISPATCH_HEALTH_PORT=str(settings.health_port),
         EVENTDISPATCH_RETRY_BASE_S=str(settings.retry_base_s),
         EVENTDISPATCH_RETRY_CAP_S=str(settings.retry_cap_s),
         EVENTDISPATCH_DELIVERY_BACKOFF_BASE_S=str(settings.delivery_backoff_base_s),
@@ -107,6 +108,7 @@ def environment() -> Iterator[Settings]:
         mongo_db=f"test_{ns.replace('-', '_')}",
         redis_prefix=ns,
         central_url=f"http://127.0.0.1:{_free_port()}",
+        health_port=_free_port(),
         retry_base_s=0.2,
         retry_cap_s=1.0,
         delivery_backoff_base_s=0.05,
@@ -228,3 +230,19 @@ def cli(settings: Settings, *args: str, timeout: float = 120) -> subprocess.Comp
         text=True,
         timeout=timeout,
     )
+
+
+def supervised(settings: Settings) -> dict[str, dict[str, Any]]:
+    """What the supervisor of a running service reports, by process name."""
+    import httpx
+
+    url = f"http://127.0.0.1:{settings.health_port}/status"
+    return {w["name"]: w for w in httpx.get(url, timeout=5).json()["workers"]}
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting until {what}")
+        time.sleep(0.2)

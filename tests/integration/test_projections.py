@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
+import signal
 import time
 import uuid
 
@@ -18,7 +20,7 @@ from eventdispatch.config import Settings
 from eventdispatch.events import Created, Event
 from projections import rebuild as rb
 from projections.store import ProjectionStore, connect, current_generations
-from tests.integration.conftest import Service
+from tests.integration.conftest import Service, supervised, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -123,11 +125,12 @@ async def test_a_projector_killed_mid_batch_converges(settings: Settings, servic
         await ed.register_script("mixed", "echo mixed\n")
         await ed.wait_accepted(await ed.submit(f"kill-{tag}", "mixed", devices))
         await asyncio.sleep(1.0)  # let batches be in flight
-        assert service.proc is not None
-        service.proc.kill()  # SIGKILL: no drain, no flush
-        service.proc.wait()
-        service.start()
-        service.wait_for_log("worker started", timeout=60)
+        projector = supervised(settings)["projector"]
+        os.kill(projector["pid"], signal.SIGKILL)  # no drain, no flush; the supervisor restarts it
+        wait_until(
+            "the projector runs again",
+            lambda: supervised(settings)["projector"]["restarts"] > projector["restarts"],
+        )
         summary = await ed.wait_done(f"kill-{tag}", timeout_s=120)
         assert summary.counts == {"succeeded": 300}
     await caught_up(settings)
