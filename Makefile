@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 ED     := $(BIN)/eventdispatch
 
 .PHONY: help setup stack-up stack-down stack-status demo test unit integration lint format clean
-.PHONY: bench
+.PHONY: bench chaos
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ integration: stack-up  ## the tests against the real services
 
 test: lint stack-up  ## everything CI runs: lint, unit and integration tests on the real services
 	$(BIN)/pytest
+
+chaos: $(ED)  ## 20,000 executions on a private stack while workers, Redis and the broker crash (~15 min; not part of test)
+	$(BIN)/python -m tests.chaos --executions 20000 --devices 2000 --workers 2
 
 bench: stack-up  ## measure throughput, latency, timers, fan-out and projections (10-20 min; not part of test)
 	$(ED) bench

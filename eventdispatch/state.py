@@ -66,7 +66,7 @@ def fold_state(events: Iterable[Event]) -> Fold:
     return out
 
 
-def _writes(fold: Fold, prefix: str) -> Iterable[tuple[str, str, str | None]]:
+def writes(fold: Fold, prefix: str) -> Iterable[tuple[str, str, str]]:
     """(kind, key, value) for every Redis write the folded state needs: `set` a string or
     `hset` a hash field (key "hash|field"). The layout is the one Registry and DeviceStore use."""
     for device_id, state in fold.devices.items():
@@ -127,12 +127,12 @@ async def rebuild(
         out.events = await _read_events(settings, fold, progress)
         pipe = client.pipeline(transaction=False)
         pending = 0
-        for kind, k, value in _writes(fold, settings.redis_prefix):
+        for kind, k, value in writes(fold, settings.redis_prefix):
             if kind == "set":
-                pipe.set(k, value or "")
+                pipe.set(k, value)
             else:
                 name, _, field_name = k.rpartition("|")
-                pipe.hset(name, field_name, value or "")
+                pipe.hset(name, field_name, value)
             pending += 1
             if pending >= 2000:
                 await pipe.execute()
