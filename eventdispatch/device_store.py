@@ -67,19 +67,23 @@ class DeviceStore:
         return f"{self.prefix}:dev:{device_id}"
 
     async def load(self, device_id: str) -> tuple[DeviceState, MessageKey | None]:
-        """The device's state and last input; StateLost if Redis is not the log's."""
-        marker, raw = await self.redis.mget(self.guard.key, self._key(device_id))
-        await self.guard.accept(marker)
+        """The device's state and last input, once Redis holds the log's generation."""
+        while True:
+            marker, raw = await self.redis.mget(self.guard.key, self._key(device_id))
+            try:
+                self.guard.verify(marker)
+                break
+            except StateLost:
+                await self.guard.valid()  # paused until Redis is the log's again
         if raw is None:
             return DeviceState(device_id), None
         return decode_state(raw)
 
     async def save(self, state: DeviceState, last_input: MessageKey | None) -> None:
         keys = [self.guard.key, self._key(state.device_id)]
-        args = [self.guard.expected or "", encode_state(state, last_input)]
-        if not await self._save(keys=keys, args=args):
-            await self.guard.check()  # raises StateLost with the reason
-            raise StateLost("the state generation changed during the save; saving again")
+        encoded = encode_state(state, last_input)
+        while not await self._save(keys=keys, args=[self.guard.expected or "", encoded]):
+            await self.guard.valid()
 
     async def mark_delivery(self, exec_id: str) -> bool:
         """Note that a call for this attempt is about to be made; False if one was made before."""

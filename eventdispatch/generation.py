@@ -20,6 +20,7 @@ import redis.asyncio as redis
 
 from eventdispatch import admin
 from eventdispatch.config import Settings
+from eventdispatch.retry import retry_in_place
 
 log = logging.getLogger("eventdispatch.generation")
 
@@ -43,6 +44,7 @@ class StateGuard:
         self.redis = client
         self.key = marker_key(settings.redis_prefix)
         self.expected: str | None = None
+        self._waiting: asyncio.Future[None] | None = None
 
     async def establish(self) -> None:
         """At start: learn the expected generation; a brand-new deployment (no generation
@@ -97,6 +99,16 @@ class StateGuard:
 
     async def check(self) -> None:
         await self.accept(await self.redis.get(self.key))
+
+    async def valid(self) -> None:
+        """Return once Redis holds the expected generation. Every caller waits on one shared
+        check loop, so thousands of paused devices make one check, and one log line, at a
+        time; the loop reports itself in `retry.troubles()` for the health endpoint."""
+        if self._waiting is None or self._waiting.done():
+            self._waiting = asyncio.ensure_future(
+                retry_in_place("check state generation", self.check)
+            )
+        await asyncio.shield(self._waiting)
 
 
 def _text(value: bytes | str | None) -> str | None:

@@ -60,7 +60,7 @@ class Planner:
 
     async def handle(self, msg: pulsar.Message) -> None:
         # The registry must be the log's: a wiped one would number scripts again.
-        await retry_in_place("check state generation", self.guard.check)
+        await self.guard.valid()
         try:
             record = msg.value()
             command_id = str(record["command_id"])

@@ -36,7 +36,8 @@ BEAT_STALE_S = 5.0
 BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
 STEADY_S = 30.0
-"""A child that ran this long before dying is restarted at once: its failure was not a loop."""
+"""A child that ran this long, or became ready, before dying is restarted after the shortest
+backoff: it was not failing in a loop."""
 STOP_MARGIN_S = 15.0
 
 
@@ -56,6 +57,7 @@ class Child:
     last_exit: int | None = None
     last_beat: float = 0.0
     report: dict[str, Any] = field(default_factory=dict)
+    was_ready: bool = False
 
     def alive(self, now: float) -> bool:
         running = self.process is not None and self.process.returncode is None
@@ -137,7 +139,7 @@ class Supervisor:
             if self.stop.is_set():
                 return code
             ran = time.monotonic() - child.started_at
-            backoff = BACKOFF_START_S if ran >= STEADY_S else backoff
+            backoff = BACKOFF_START_S if ran >= STEADY_S or child.was_ready else backoff
             log.warning(
                 "%s (pid %s) exited with %s after %.1fs; starting it again in %.1fs",
                 child.name,
@@ -169,6 +171,7 @@ class Supervisor:
             os.close(write_fd)
         child.started_at = child.last_beat = time.monotonic()
         child.report = {}
+        child.was_ready = False
         beats = asyncio.create_task(self._read_beats(child, read_fd))
         waited = asyncio.create_task(child.process.wait())
         await asyncio.wait(
@@ -205,6 +208,7 @@ class Supervisor:
                 with contextlib.suppress(ValueError):
                     child.report = json.loads(line)
                     child.last_beat = time.monotonic()
+                    child.was_ready = child.was_ready or bool(child.report.get("ready"))
         finally:
             transport.close()
 

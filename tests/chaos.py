@@ -4,8 +4,9 @@ On a private stack (its own ports and data folder, so restarting the broker and 
 nothing else on the machine), with `eventdispatch run --workers 2` and a Central Control
 simulator that answers 5% of calls with 503 and hangs on 1%, it submits tasks covering
 `executions` (task, device) pairs over `devices` devices, and meanwhile SIGKILLs a random
-worker every few seconds, restarts Redis once and the broker once. When every execution has
-ended in the projections it stops the service with SIGTERM (which must exit 0) and checks,
+working (ready) worker every few seconds and restarts Redis, the broker and MongoDB once each.
+When every execution has ended in the projections it stops the service with SIGTERM (which
+must exit 0) and checks,
 from the simulator's record, the events log and the projections:
 
     I1  a device never has two attempts between Locked and their end at once (log), and
@@ -71,6 +72,7 @@ class Report:
     restarts: int = 0
     redis_restarts: int = 0
     broker_restarts: int = 0
+    mongo_restarts: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     accepted_calls: int = 0
     repeated_calls: int = 0
@@ -84,8 +86,8 @@ class Report:
             f"{self.tasks} tasks, {self.seconds:.0f}s",
             f"outcomes        {dict(sorted(self.outcomes.items()))}",
             f"chaos           {self.kills} worker SIGKILLs, {self.restarts} restarts by the "
-            f"supervisor, {self.redis_restarts} Redis restart, {self.broker_restarts} broker "
-            "restart",
+            f"supervisor, {self.redis_restarts} Redis, {self.broker_restarts} broker and "
+            f"{self.mongo_restarts} MongoDB restart",
             f"central control {self.accepted_calls:,} attempts accepted, "
             f"{self.repeated_calls:,} repeated calls answered from the Idempotency-Key",
             f"log             {self.events:,} events",
@@ -332,7 +334,7 @@ def run(
             started = time.monotonic()
             asyncio.run(_submit(settings, plan))
             say(f"chaos: submitted; killing a worker every {kill_every_s:.0f}s")
-            redis_done = broker_done = False
+            redis_done = broker_done = mongo_done = False
             next_kill = time.monotonic() + kill_every_s
             deadline = started + timeout_s
             ended = 0
@@ -343,8 +345,10 @@ def run(
                     )
                 now = time.monotonic()
                 if now >= next_kill:
-                    victims = [
-                        w for w in _safe_workers(settings) if w["role"] == "stages" and w["pid"]
+                    victims = [  # a worker at work, not one still starting
+                        w
+                        for w in _safe_workers(settings)
+                        if w["role"] == "stages" and w["pid"] and w["ready"]
                     ]
                     if victims:
                         os.kill(rnd.choice(victims)["pid"], signal.SIGKILL)
@@ -360,6 +364,11 @@ def run(
                     stack.down(settings, log=lambda m: None, only=("pulsar",))
                     stack.up(settings, log=lambda m: None)
                     broker_done, report.broker_restarts = True, 1
+                if not mongo_done and ended >= executions * 0.7:
+                    say(f"chaos: restarting MongoDB at {ended:,} ended")
+                    stack.down(settings, log=lambda m: None, only=("mongo",))
+                    stack.up(settings, log=lambda m: None)
+                    mongo_done, report.mongo_restarts = True, 1
                 time.sleep(0.5)
                 with contextlib.suppress(pymongo.errors.PyMongoError):
                     ended = _ended(settings)

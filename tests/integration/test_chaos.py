@@ -18,5 +18,5 @@ def test_invariants_hold_while_workers_redis_and_the_broker_crash(tmp_path: Path
     assert report.violations == []
     assert report.outcomes.get("succeeded", 0) + report.outcomes.get("failed", 0) == 1000
     assert report.kills >= 3 and report.restarts >= report.kills
-    assert (report.redis_restarts, report.broker_restarts) == (1, 1)
+    assert (report.redis_restarts, report.broker_restarts, report.mongo_restarts) == (1, 1, 1)
     assert report.drained_exit == 0
