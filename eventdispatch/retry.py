@@ -33,9 +33,13 @@ def _note(what: str, error: str | None, loops: int) -> None:
 
 
 async def retry_in_place(what: str, action: Callable[[], Awaitable[T]], cap_s: float = 5.0) -> T:
-    """Run `action` until it succeeds."""
+    """Run `action` until it succeeds.
+
+    When many loops wait for the same thing (thousands of devices for Redis), the first one
+    to fail speaks for all of them at WARNING, and the others log at DEBUG."""
     delay = 0.1
     failures = 0
+    level = logging.WARNING
     try:
         while True:
             try:
@@ -45,13 +49,28 @@ async def retry_in_place(what: str, action: Callable[[], Awaitable[T]], cap_s: f
             except Exception as e:  # any dependency failure: wait and try again
                 failures += 1
                 error = f"{type(e).__name__}: {e}"
+                if failures == 1 and what in _failing:
+                    level = logging.DEBUG
                 _note(what, error, 1 if failures == 1 else 0)
-                log.warning("%s failed (%s), retry in %.1fs", what, error, delay)
+                waiting = _failing[what][0]
+                log.log(
+                    level,
+                    "%s failed (%s), retry in %.1fs (%d waiting)",
+                    what,
+                    error,
+                    delay,
+                    waiting,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, cap_s)
             else:
                 if failures:
-                    log.info("%s succeeded after %d failures", what, failures)
+                    log.log(
+                        logging.INFO if level == logging.WARNING else logging.DEBUG,
+                        "%s succeeded after %d failures",
+                        what,
+                        failures,
+                    )
                 return result
     finally:
         if failures:

@@ -294,7 +294,7 @@ def run(
     executions: int,
     devices: int,
     workers: int = 2,
-    kill_every_s: float = 4.0,
+    kill_every_s: float = 6.0,
     timeout_s: float = 1800.0,
     folder: Path | None = None,
     say: Any = print,
@@ -402,7 +402,7 @@ def main() -> None:
     parser.add_argument("--executions", type=int, default=20_000)
     parser.add_argument("--devices", type=int, default=2_000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--kill-every", type=float, default=4.0, help="seconds between SIGKILLs")
+    parser.add_argument("--kill-every", type=float, default=6.0, help="seconds between SIGKILLs")
     parser.add_argument("--timeout", type=float, default=3600.0)
     args = parser.parse_args()
     report = run(args.executions, args.devices, args.workers, args.kill_every, args.timeout)

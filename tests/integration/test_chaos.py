@@ -12,8 +12,8 @@ from tests import chaos
 pytestmark = pytest.mark.integration
 
 
-def test_invariants_hold_while_workers_redis_and_the_broker_crash(tmp_path: Path) -> None:
-    report = chaos.run(executions=1000, devices=100, kill_every_s=4, timeout_s=900, folder=tmp_path)
+def test_invariants_hold_while_workers_redis_mongodb_and_the_broker_crash(tmp_path: Path) -> None:
+    report = chaos.run(executions=1000, devices=100, kill_every_s=6, timeout_s=900, folder=tmp_path)
     print("\n".join(report.lines()))
     assert report.violations == []
     assert report.outcomes.get("succeeded", 0) + report.outcomes.get("failed", 0) == 1000
