@@ -58,9 +58,15 @@ class StateGuard:
                     "deployment older than the generation check?); run `eventdispatch state "
                     "rebuild` once"
                 )
-            await self.redis.set(self.key, uuid.uuid4().hex[:12], nx=True)
-            marker = await self.redis.get(self.key)
-            expected = _text(marker) or ""
+            expected = uuid.uuid4().hex[:12]
+            if not await self.redis.set(self.key, expected, nx=True):
+                # Another worker starting at the same moment (its property appears within a
+                # retry), or Redis state older than this log, which must not be used.
+                found = _text(await self.redis.get(self.key))
+                raise StateLost(
+                    f"Redis holds state generation {found} but the log records none (a "
+                    "namespace deleted and created again?); run `eventdispatch state rebuild`"
+                )
             await asyncio.to_thread(admin.set_namespace_property, self.settings, PROPERTY, expected)
             log.info("new deployment: state generation %s", expected)
         self.expected = expected
