@@ -51,7 +51,13 @@ def test_rows_show_errors_and_measurements() -> None:
         "parts": {
             "e2e": {
                 "runs": [
-                    {"workers": 2, "devices": 1000, "executions_per_s": 500, "ratio_to_floor": 0.5}
+                    {
+                        "workers": 2,
+                        "devices": 1000,
+                        "executions_per_s": 500,
+                        "decided_per_s": 600,
+                        "ratio_to_floor": 0.5,
+                    }
                 ]
             },
             "timers": {"error": "RuntimeError: boom"},
