@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 
 import pulsar
 from pulsar import ConsumerType
@@ -25,7 +26,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from eventdispatch import admin, wire
 from eventdispatch.bus import Bus, position
 from eventdispatch.config import Settings
-from projections.reducers import MODELS, Doc
+from eventdispatch.events import Event
+from projections.reducers import MODELS, Doc, Model
 from projections.store import (
     ALL_MODELS,
     Generations,
@@ -37,6 +39,119 @@ from projections.store import (
 
 EVENT_MODELS = frozenset(m.name for m in MODELS)
 Position = list[int]
+WINDOW_DOCS = 100_000  # documents changed in memory before the coldest are handed to a write
+KEEP_DOCS = 25_000  # written documents per model kept in memory for later events to fold into
+READ_BACK = 100  # concurrent lookups of documents folded into again after they left memory
+
+
+class Fold:
+    """A rebuild's in-memory fold of events into the documents of a generation it alone writes.
+
+    Changed documents wait in memory in two generations, *young* and *old*. An event folds into
+    its document wherever it is and moves it to young. When young holds `window` documents,
+    `take` hands over the old ones, untouched for a whole window, for writing (those never
+    written to insert, the others to replace), and young becomes old. So a document still
+    changing (a device, an execution being retried) stays in memory, and most documents are
+    written once. The last written ones are kept (`keep` per model) so a later event folds into
+    them without a read; an event touching a written document no longer in memory is *blocked*,
+    with every later event of that document, until `load` gives the stored document back.
+    Documents change only through the reducers, so the result is the reducers' fold of the
+    whole log (`projections.reducers.fold`).
+    """
+
+    def __init__(
+        self, models: Iterable[Model], window: int = WINDOW_DOCS, keep: int = KEEP_DOCS
+    ) -> None:
+        self.models = tuple(models)
+        self.window = window
+        self.keep = keep
+        names = [m.name for m in self.models]
+        self.young: dict[str, dict[str, Doc]] = {n: {} for n in names}
+        self.old: dict[str, dict[str, Doc]] = {n: {} for n in names}
+        self.kept: dict[str, dict[str, Doc]] = {n: {} for n in names}
+        self.written: dict[str, set[str]] = {n: set() for n in names}
+        self.blocked: dict[str, dict[str, list[Event]]] = {n: {} for n in names}
+        self.count: dict[str, int] = dict.fromkeys(names, 0)  # documents handed over
+
+    @property
+    def full(self) -> bool:
+        return sum(map(len, self.young.values())) >= self.window
+
+    def blocked_keys(self) -> dict[str, list[str]]:
+        """Per model, the keys whose stored documents `load` must supply."""
+        return {name: list(keys) for name, keys in self.blocked.items() if keys}
+
+    def add(self, events: list[Event]) -> None:
+        for model in self.models:
+            self._add(model, events)
+
+    def _add(self, model: Model, events: Iterable[Event]) -> None:
+        key_of, reduce = model.key, model.reduce
+        young, old, kept = self.young[model.name], self.old[model.name], self.kept[model.name]
+        written, blocked = self.written[model.name], self.blocked[model.name]
+        for event in events:
+            key = key_of(event)
+            if key is None:
+                continue
+            if blocked and key in blocked:
+                blocked[key].append(event)
+                continue
+            before = young.get(key)
+            if before is None:
+                before = old.pop(key, None)
+                if before is not None:  # changed before, touched again: stays in memory
+                    young[key] = before
+                else:
+                    before = kept.get(key)
+                    if before is None and key in written:
+                        blocked[key] = [event]
+                        continue
+            doc = reduce(before, event)
+            if doc is not None and doc is not before:
+                young[key] = doc
+
+    def load(self, model: str, docs: Iterable[Doc]) -> None:
+        """Stored documents for blocked keys: fold their blocked events into them, in order."""
+        blocked, kept = self.blocked[model], self.kept[model]
+        found = {d["_id"]: d for d in docs}
+        for key in list(blocked):
+            events = blocked.pop(key)
+            if key in found:
+                kept[key] = found[key]
+            else:  # never stored after all: as if it were new
+                self.written[model].discard(key)
+            self._add(next(m for m in self.models if m.name == model), events)
+
+    def take(self, everything: bool = False) -> dict[str, tuple[list[Doc], list[Doc]]]:
+        """Documents to write per model, as (to insert, to replace): the old generation, or
+        with `everything` all changed ones (at the end). They count as written from now on,
+        so they must be stored before any document is read back."""
+        if any(self.blocked.values()):
+            raise RuntimeError("take() with blocked events: load() their documents first")
+        out = {}
+        for name in self.young:
+            docs = self.old[name]
+            if everything:
+                docs.update(self.young[name])
+                self.young[name] = {}
+            self.old[name] = self.young[name]
+            self.young[name] = {}
+            if docs:
+                out[name] = self._hand_over(name, docs)
+        return out
+
+    def _hand_over(self, name: str, docs: dict[str, Doc]) -> tuple[list[Doc], list[Doc]]:
+        written, kept = self.written[name], self.kept[name]
+        inserts = [d for k, d in docs.items() if k not in written]
+        replaces = [d for k, d in docs.items() if k in written]
+        written.update(docs)
+        kept.update(docs)
+        excess = len(kept) - self.keep
+        if excess > 0:  # the oldest first (a key written again keeps its first place: fine)
+            for key in list(islice(kept, excess)):
+                del kept[key]
+        self.count[name] += len(docs)
+        return inserts, replaces
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +234,12 @@ async def _read_into(
         while True:
             batch = await receiver.next(never)
             assert batch is not None  # `never` is never set
-            wanted = [m for m in batch if position(m)[:2] <= end]
+            # A batch can arrive twice (the receiver may re-offer one the loop took just as
+            # the hand-over timed out); the log is read in order, so skip what was read.
+            seen = tuple(last) if last is not None else None
+            wanted = [
+                m for m in batch if position(m)[:2] <= end and (seen is None or position(m) > seen)
+            ]
             if wanted:
                 await apply(wanted)
                 read += len(wanted)
@@ -162,37 +282,87 @@ async def rebuild(
             }
         )
         store = ProjectionStore(db, {**live, **{m: gen for m in models}}, frozenset(models))
-        await store.ensure_indexes()
         only = frozenset(models)
         topics = []
         if only & EVENT_MODELS:
             topics.append("events")
         if "logs" in only:
             topics.append("device-logs")
+        fold = Fold(m for m in MODELS if m.name in only)
+        writing: asyncio.Task[None] | None = None
+
+        async def settle() -> None:
+            """Wait for the write in flight (and raise its error)."""
+            nonlocal writing
+            if writing is not None:
+                task, writing = writing, None
+                await task
+
+        async def write(taken: dict[str, tuple[list[Doc], list[Doc]]]) -> None:
+            # Models side by side: FerretDB decodes and encodes documents on several threads
+            # even though SQLite takes one write at a time.
+            await asyncio.gather(*(store.write_once(m, *docs) for m, docs in taken.items()))
+
+        async def flush(everything: bool = False) -> None:
+            """Hand the cold documents to a write that runs while the next events fold."""
+            nonlocal writing
+            await settle()  # one write at a time: a replacement follows its insert
+            taken = fold.take(everything)
+            if taken:
+                writing = asyncio.create_task(write(taken))
+
+        async def read_back() -> None:
+            await settle()  # what left memory may still be on its way to the store
+            for model, keys in fold.blocked_keys().items():
+                coll = store.collection(model)
+                docs: list[Doc] = []
+                for start in range(0, len(keys), READ_BACK):  # `_id` equality uses the index
+                    part = keys[start : start + READ_BACK]
+                    found = await asyncio.gather(*(coll.find_one({"_id": k}) for k in part))
+                    docs += [d for d in found if d is not None]
+                fold.load(model, docs)
 
         async def apply_events(batch: list[pulsar.Message]) -> None:
-            await store.apply([wire.event_from_record(m.value()) for m in batch], only)
+            fold.add([wire.event_from_record(m.value()) for m in batch])
+            if any(fold.blocked.values()):
+                await read_back()
+            if fold.full:
+                await flush()
 
         async def apply_logs(batch: list[pulsar.Message]) -> None:
             await store.apply_logs([m.value() for m in batch])
 
         started = time.monotonic()
         through: dict[str, Position | None] = {}
-        for topic in topics:
-            n, last = await _read_into(
-                bus,
-                settings,
-                topic,
-                f"rebuild-g{gen}",
-                apply_events if topic == "events" else apply_logs,
-                progress or Progress(),
-            )
-            outcome.events += n
-            through[topic] = last
-        outcome.seconds = time.monotonic() - started
+        phases: dict[str, float] = {}  # seconds from the start, recorded in the meta document
+        try:
+            for topic in topics:
+                n, last = await _read_into(
+                    bus,
+                    settings,
+                    topic,
+                    f"rebuild-g{gen}",
+                    apply_events if topic == "events" else apply_logs,
+                    progress or Progress(),
+                )
+                outcome.events += n
+                through[topic] = last
+                phases[f"read {topic}"] = time.monotonic() - started
+                if topic == "events":
+                    await flush(everything=True)
+                    await settle()
+                    phases["written"] = time.monotonic() - started
+        finally:
+            if writing is not None:  # failed: the next rebuild discards this generation
+                writing.cancel()
+        if not verify:  # built after the load: cheaper than keeping them up to date through it
+            await store.ensure_indexes()
+        outcome.seconds = phases["indexed"] = time.monotonic() - started
         meta = {
             "through": through,
             "events": outcome.events,
+            "documents": fold.count,
+            "seconds": {k: round(v, 1) for k, v in phases.items()},
             "finished_at_ms": int(time.time() * 1000),
         }
         if verify:

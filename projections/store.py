@@ -47,6 +47,7 @@ def collection_name(model: str, generation: int) -> str:
 
 
 CACHE_DOCS = 200_000
+WRITE_BATCH = 20_000  # documents per insert_many/bulk_write of a rebuild
 DUPLICATE_KEY = 11000
 
 
@@ -143,3 +144,14 @@ class ProjectionStore:
             others = [w for w in e.details.get("writeErrors", []) if w.get("code") != DUPLICATE_KEY]
             if others:
                 raise
+
+    async def write_once(self, model: str, inserts: list[Doc], replaces: list[Doc]) -> None:
+        """Write documents of a generation this store alone fills (a rebuild's): new ones with
+        unordered `insert_many` in large batches (pymongo splits them into messages of at most
+        48 MB), ones written before with one unordered `bulk_write` of replacements."""
+        coll = self.collection(model)
+        for start in range(0, len(inserts), WRITE_BATCH):
+            await coll.insert_many(inserts[start : start + WRITE_BATCH], ordered=False)
+        for start in range(0, len(replaces), WRITE_BATCH):
+            chunk = replaces[start : start + WRITE_BATCH]
+            await coll.bulk_write([ReplaceOne({"_id": d["_id"]}, d) for d in chunk], ordered=False)
