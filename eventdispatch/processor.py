@@ -46,6 +46,13 @@ from eventdispatch.retry import retry_in_place
 log = logging.getLogger("eventdispatch.processor")
 T = TypeVar("T")
 
+# Devices with work in flight per processor. Past this, receiving pauses until some finish:
+# every in-flight device holds a task, a queue and its messages, and a 100,000-device fan-out
+# took a worker to 620 MB resident (docs/benchmarks.md). The broker keeps the rest; other
+# consumers are not held up (their keys are theirs).
+MAX_DEVICES_IN_FLIGHT = 5_000
+RESUME_BELOW = MAX_DEVICES_IN_FLIGHT - 500
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -70,6 +77,7 @@ class DeviceProcessor:
         self._queues: dict[str, deque[pulsar.Message]] = {}
         self._arrivals: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         receiver = await self.bus.receiver(
@@ -82,6 +90,7 @@ class DeviceProcessor:
             while (batch := await receiver.next(stop)) is not None:
                 for msg in batch:
                     self._route(msg)
+                await self._wait_for_room(stop)
             await self._drain()
         finally:
             await receiver.close()
@@ -101,6 +110,21 @@ class DeviceProcessor:
             log.warning("%d devices did not finish within the grace period", len(late))
             await asyncio.wait(late)
 
+    async def _wait_for_room(self, stop: asyncio.Event) -> None:
+        """Pause receiving while MAX_DEVICES_IN_FLIGHT devices are busy (or until stop)."""
+        while len(self._tasks) >= MAX_DEVICES_IN_FLIGHT and not stop.is_set():
+            self._room.clear()
+            room = asyncio.ensure_future(self._room.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({room, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            room.cancel()
+            stopped.cancel()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if len(self._tasks) < RESUME_BELOW:
+            self._room.set()
+
     def _route(self, msg: pulsar.Message) -> None:
         device = msg.partition_key()
         queue = self._queues.get(device)
@@ -112,7 +136,7 @@ class DeviceProcessor:
         self._arrivals[device] = asyncio.Event()
         task = asyncio.create_task(self._device_loop(device))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
 
     async def _device_loop(self, device: str) -> None:
         queue = self._queues[device]
