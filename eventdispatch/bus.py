@@ -198,13 +198,19 @@ class Receiver:
             batch = [self._wrap(first)]
             with contextlib.suppress(Exception):  # nothing more queued, or closed
                 batch.extend(self._wrap(m) for m in self._raw.batch_receive())
-            while not self._closed.is_set():
-                handed = asyncio.run_coroutine_threadsafe(self._queue.put(batch), self._loop)
+            # One offer per batch, waited on until taken: cancelling a timed-out offer could
+            # race its completion and hand the same batch over twice.
+            handed = asyncio.run_coroutine_threadsafe(self._queue.put(batch), self._loop)
+            while True:
                 try:
                     handed.result(timeout=0.5)
                     break
-                except TimeoutError:
-                    handed.cancel()  # the loop is behind: hold the batch and offer it again
+                except TimeoutError:  # the loop is behind: keep waiting, unless closing
+                    if self._closed.is_set():
+                        handed.cancel()
+                        return
+                except Exception:  # the loop is gone
+                    return
 
     async def next(self, stop: asyncio.Event) -> list[pulsar.Message] | None:
         """The next batch, or None once `stop` is set."""
