@@ -46,9 +46,10 @@ class StateGuard:
         self.expected: str | None = None
         self._waiting: asyncio.Future[None] | None = None
 
-    async def establish(self) -> None:
-        """At start: learn the expected generation; a brand-new deployment (no generation
-        recorded, no events yet) gets one. Raises StateLost if Redis cannot be used."""
+    async def establish(self) -> str:
+        """At start: learn the expected generation (returned); a brand-new deployment (no
+        generation recorded, no events yet) gets one. Raises StateLost if Redis cannot be
+        used."""
         props = await asyncio.to_thread(admin.namespace_properties, self.settings)
         expected = props.get(PROPERTY)
         if expected is None:
@@ -71,6 +72,7 @@ class StateGuard:
             log.info("new deployment: state generation %s", expected)
         self.expected = expected
         await self.check()
+        return expected
 
     async def refresh(self) -> None:
         props = await asyncio.to_thread(admin.namespace_properties, self.settings)

@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as redis
 
@@ -32,6 +32,7 @@ from projections.projector import Projector
 from projections.store import ProjectionStore, connect
 
 log = logging.getLogger("eventdispatch.worker")
+T = TypeVar("T")
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -40,6 +41,19 @@ def _stop_on_signals() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """`work`'s result, or None if `stop` is set first (a start waiting on a dependency must
+    still obey SIGTERM)."""
+    task = asyncio.create_task(work)
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not task.done():
+        task.cancel()
+        return None
+    return task.result()
 
 
 class Heartbeat:
@@ -106,14 +120,9 @@ async def run(
         if with_stages:
             guard = StateGuard(settings, r)
             # Refuses (and says why, every few seconds) while Redis is not the log's.
-            checking = asyncio.create_task(
-                retry_in_place("check state generation", guard.establish)
-            )
-            await asyncio.wait(
-                [checking, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
-            )
-            if not checking.done():
-                checking.cancel()
+            if not await _unless_stopped(
+                retry_in_place("check state generation", guard.establish), stop
+            ):
                 return 0
             registry = Registry(r, settings.redis_prefix)
             policy = RetryPolicy(
@@ -128,9 +137,12 @@ async def run(
             stages["timer-relay"] = TimerRelay(bus).run(stop)
             stages["log-bridge"] = LogBridge(bus).run(stop)
         if with_projector:
-            projections = await retry_in_place(
+            opening = retry_in_place(
                 "open projections", lambda: ProjectionStore.open(mongo[settings.mongo_db])
             )
+            projections = await _unless_stopped(opening, stop)
+            if projections is None:
+                return 0
             stages["projector"] = Projector(bus, projections, settings.projector_batch_size).run(
                 stop
             )
