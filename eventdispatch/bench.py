@@ -300,6 +300,14 @@ class Deployment:
     procs: list[Proc] = field(default_factory=list)
 
     def start(self) -> None:
+        """Start everything, or stop what did start and raise."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         env = env_of(self.settings)
         behaviour = self.log_dir / "behaviour.json"
         behaviour.write_text(json.dumps(self.behaviour))
