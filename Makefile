@@ -46,7 +46,7 @@ test: lint stack-up  ## everything CI runs: lint, unit and integration tests on 
 chaos: $(ED)  ## 20,000 executions on a private stack while workers, Redis and the broker crash (~15 min; not part of test)
 	$(BIN)/python -m tests.chaos --executions 20000 --devices 2000 --workers 2
 
-bench: stack-up  ## measure throughput, latency, timers, fan-out and projections (10-20 min; not part of test)
+bench: stack-up  ## measure throughput, latency, timers, fan-out and projections (30-45 min; not in test)
 	$(ED) bench
 
 format: $(ED)  ## rewrite the code in the house style

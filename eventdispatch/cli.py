@@ -720,7 +720,10 @@ def bench(
     ] = False,
     profile: Annotated[
         Path | None,
-        typer.Option(help="py-spy record every process of the e2e runs into this folder."),
+        typer.Option(
+            help="py-spy record every process of the e2e runs into this folder (collapsed "
+            "stacks; needs `pip install py-spy`)."
+        ),
     ] = None,
 ) -> None:
     """Measure the service on the running stack and print a table (issue 7).
@@ -728,7 +731,8 @@ def bench(
     Each part runs its own simulator (zero latency) and service processes in a scratch
     namespace, database and Redis prefix, deleted afterwards. Record the machine's load with
     the numbers (it is in the JSON): these are benchmark figures, not tests. All parts take
-    about 10 to 20 minutes; `--only floor,latency` a minute or two. See docs/benchmarks.md."""
+    30 to 45 minutes on a loaded 2-core machine, most of it the 10,000-device e2e runs;
+    `--devices 1000` or `--only floor,latency` take a few minutes. See docs/benchmarks.md."""
     from eventdispatch import bench as b
 
     try:
