@@ -24,7 +24,9 @@ import h11
 
 from eventdispatch.inputs import Delivery
 from eventdispatch.registry import ScriptVersion
+from eventdispatch.retry import trouble_began, trouble_ended
 
+TROUBLE = "deliver to Central Control"
 log = logging.getLogger("eventdispatch.central")
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -162,6 +164,7 @@ class CentralControl:
         # Requests wait for a connection in the pool's semaphore, never in a queue whose
         # bookkeeping grows with the number waiting (10,000 devices wait at once).
         self.http = HttpPool(base_url, timeout_s, MAX_CONNECTIONS)
+        self.base_url = base_url
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
 
@@ -187,31 +190,39 @@ class CentralControl:
         data = json.dumps(body, separators=(",", ":")).encode()
         url = f"/v1/devices/{device_id}/executions"
         tries = 0
-        while True:
-            tries += 1
-            try:
-                r = await self.http.request("POST", url, data, (("Idempotency-Key", exec_id),))
-            except TransportError as e:
-                trouble = str(e)
-            else:
-                if r.status_code < 300:
-                    return Delivery.ACCEPTED, ""
-                if r.status_code == 404:
-                    return Delivery.UNKNOWN_DEVICE, _detail(r)
-                if r.status_code == 422:
-                    return Delivery.SCRIPT_REFUSED, _detail(r)
-                if r.status_code not in TRANSIENT_STATUS:
-                    return Delivery.REFUSED, f"HTTP {r.status_code}: {_detail(r)}"
-                trouble = f"HTTP {r.status_code}"
-            delay = self._backoff(tries)
-            log.warning(
-                "central control trouble for %s (%s), retry %d in %.2fs",
-                exec_id,
-                trouble,
-                tries,
-                delay,
-            )
-            await asyncio.sleep(delay)
+        troubled = False
+        try:
+            while True:
+                tries += 1
+                try:
+                    r = await self.http.request("POST", url, data, (("Idempotency-Key", exec_id),))
+                except TransportError as e:
+                    trouble = str(e)
+                else:
+                    if r.status_code < 300:
+                        return Delivery.ACCEPTED, ""
+                    if r.status_code == 404:
+                        return Delivery.UNKNOWN_DEVICE, _detail(r)
+                    if r.status_code == 422:
+                        return Delivery.SCRIPT_REFUSED, _detail(r)
+                    if r.status_code not in TRANSIENT_STATUS:
+                        return Delivery.REFUSED, f"HTTP {r.status_code}: {_detail(r)}"
+                    trouble = f"HTTP {r.status_code}"
+                if not troubled:  # `health` shows it: Central Control down or misaddressed
+                    trouble_began(TROUBLE, f"{self.base_url}: {trouble}")
+                    troubled = True
+                delay = self._backoff(tries)
+                log.warning(
+                    "central control trouble for %s (%s), retry %d in %.2fs",
+                    exec_id,
+                    trouble,
+                    tries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        finally:
+            if troubled:
+                trouble_ended(TROUBLE)
 
     async def stop(self, device_id: str, exec_id: str, tries: int = 5) -> bool:
         """Ask Central Control to stop an attempt; best effort, a late result is ignored anyway."""

@@ -12,6 +12,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -124,7 +125,7 @@ def run(
         int | None,
         typer.Option(
             help="Serve /status, /healthz and /readyz on this loopback port "
-            "[default: EVENTDISPATCH_HEALTH_PORT or 8790]."
+            "[default: EVENTDISPATCH_HEALTH_PORT, else 8790]"
         ),
     ] = None,
 ) -> None:
@@ -212,7 +213,9 @@ def health(
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw status.")] = False,
     health_port: Annotated[
         int | None,
-        typer.Option(help="The supervisor's port [default: EVENTDISPATCH_HEALTH_PORT or 8790]."),
+        typer.Option(
+            help="The supervisor's health port [default: EVENTDISPATCH_HEALTH_PORT, else 8790]"
+        ),
     ] = None,
 ) -> None:
     """Show the workers of a running `eventdispatch run`: alive, ready, restarts, and what
@@ -248,7 +251,13 @@ def health(
 
 @app.command()
 def simulate(
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8700,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port to listen on [default: the port of EVENTDISPATCH_CENTRAL_URL, 8700], so "
+            "the service and the simulator agree."
+        ),
+    ] = None,
     host: Annotated[
         str, typer.Option(help="Address to listen on; loopback unless in a container.")
     ] = "127.0.0.1",
@@ -283,8 +292,18 @@ def simulate(
     from eventdispatch import admin
 
     admin.provision(s)
+    if port is None:
+        port = urlsplit(s.central_url).port or 8700
     sim = simulator.Simulator(s, record, rules)
-    asyncio.run(simulator.serve(sim, host, port))
+    err.print(f"simulator: Central Control on http://{host}:{port}")
+    try:
+        asyncio.run(simulator.serve(sim, host, port))
+    except SystemExit as e:  # uvicorn exits 1 when it cannot bind
+        fail(
+            f"the simulator could not listen on {host}:{port} (see above; a port in use?); "
+            "choose another with --port and point EVENTDISPATCH_CENTRAL_URL at it",
+            code=int(e.code or 1) if isinstance(e.code, int) else 1,
+        )
 
 
 # --- producer commands -----------------------------------------------------------------------
@@ -726,7 +745,7 @@ def bench(
         ),
     ] = None,
 ) -> None:
-    """Measure the service on the running stack and print a table (issue 7).
+    """Measure the service on the running stack and print a table.
 
     Each part runs its own simulator (zero latency) and service processes in a scratch
     namespace, database and Redis prefix, deleted afterwards. Record the machine's load with

@@ -61,8 +61,14 @@ class StateGuard:
                 )
             expected = uuid.uuid4().hex[:12]
             if not await self.redis.set(self.key, expected, nx=True):
-                # Another worker starting at the same moment (its property appears within a
-                # retry), or Redis state older than this log, which must not be used.
+                # Another worker starting at the same moment: its property appears at once.
+                await asyncio.sleep(1.0)
+                props = await asyncio.to_thread(admin.namespace_properties, self.settings)
+                if PROPERTY in props:
+                    self.expected = props[PROPERTY]
+                    await self.check()
+                    return self.expected
+                # Redis state older than this log, which must not be used.
                 found = _text(await self.redis.get(self.key))
                 raise StateLost(
                     f"Redis holds state generation {found} but the log records none (a "

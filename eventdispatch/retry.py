@@ -23,6 +23,15 @@ def troubles() -> dict[str, str]:
     return {what: error for what, (_, error) in _failing.items()}
 
 
+def trouble_began(what: str, error: str) -> None:
+    """For a loop that retries on its own (Central Control calls): report it as waiting."""
+    _note(what, error, 1)
+
+
+def trouble_ended(what: str) -> None:
+    _note(what, None, -1)
+
+
 def _note(what: str, error: str | None, loops: int) -> None:
     count, last = _failing.get(what, (0, ""))
     count += loops

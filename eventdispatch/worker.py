@@ -75,6 +75,8 @@ class Heartbeat:
             else:
                 stages[name] = f"failed: {task.exception()!r}"
         waiting = troubles()
+        if not stages and not waiting:
+            waiting = {"start": "connecting to the broker, Redis and MongoDB"}
         ready = bool(stages) and all(v == "running" for v in stages.values()) and not waiting
         return {"pid": os.getpid(), "ready": ready, "stages": stages, "waiting_on": waiting}
 
