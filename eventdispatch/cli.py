@@ -469,12 +469,16 @@ def status(
 ) -> None:
     """Show a task and how many of its devices are in each state (from the projections)."""
 
+    s = settings()
+
     async def go() -> int:
-        async with EventDispatch(settings()) as ed:
+        async with EventDispatch(s) as ed:
             summary = await ed.status(task_id)
         if summary is None:
             fail(
-                f"no task {task_id!r} in the projections (rejected, mistyped, or not yet projected)"
+                f"no task {task_id!r} in the projections of namespace {s.namespace!r}, "
+                f"database {s.mongo_db!r} (rejected, mistyped, not yet projected, or another "
+                "namespace: see EVENTDISPATCH_NAMESPACE and EVENTDISPATCH_MONGO_DB)"
             )
         if as_json:
             out.print_json(data=summary.as_json())

@@ -16,6 +16,7 @@ cleanup() {
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM  # run the cleanup on Ctrl-C or kill too
 
 echo "==> starting the Central Control simulator (log: .stack/demo/simulator.log)"
 $ED simulate --record .stack/demo/simulator.jsonl > .stack/demo/simulator.log 2>&1 &
@@ -36,3 +37,5 @@ devices=$(seq -s, -f "demo-device-%02g" 1 50)
 task="demo-$(date +%Y%m%d-%H%M%S)"
 echo "==> dispatching it to 50 devices as task $task"
 $ED submit --script system-info --devices "$devices" --task-id "$task" --wait
+echo "==> done. The demo ran in namespace $EVENTDISPATCH_NAMESPACE, database $EVENTDISPATCH_MONGO_DB;"
+echo "    to look at it again: EVENTDISPATCH_NAMESPACE=$EVENTDISPATCH_NAMESPACE EVENTDISPATCH_MONGO_DB=$EVENTDISPATCH_MONGO_DB $ED status $task"
