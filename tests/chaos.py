@@ -192,11 +192,17 @@ def _projected_states(settings: Settings) -> dict[str, str]:
         return {str(d["_id"]): str(d["state"]) for d in docs}
 
 
+TASK_TIMEOUT_S = 120
+"""Long enough for a result to wait behind every Enqueue submitted up front on a loaded
+machine (with 20 s, queueing alone timed out most first attempts); short enough that a
+result lost with the broker's restart is retried within the run."""
+
+
 async def _submit(settings: Settings, plan: list[tuple[str, list[str]]]) -> None:
     async with EventDispatch(settings) as ed:
         await ed.register_script("chaos", "echo chaos", timeout_s=120)
         for task_id, devices in plan:
-            await ed.submit(task_id, "chaos", devices, max_attempts=5, timeout_s=20)
+            await ed.submit(task_id, "chaos", devices, max_attempts=5, timeout_s=TASK_TIMEOUT_S)
 
 
 def read_events(settings: Settings) -> list[Event]:
