@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -343,7 +344,7 @@ def _devices(devices: str | None, devices_file: Path | None) -> list[str]:
     if devices_file is not None:
         if not devices_file.is_file():
             fail(f"devices file {devices_file} does not exist")
-        items = devices_file.read_text().split()
+        items = re.split(r"[\s,]+", devices_file.read_text())  # lines, spaces or commas
     else:
         items = (devices or "").split(",")
     return [d.strip() for d in items if d.strip()]
@@ -356,7 +357,8 @@ def submit(
         str | None, typer.Option(help="Comma-separated device ids, e.g. dev-1,dev-2.")
     ] = None,
     devices_file: Annotated[
-        Path | None, typer.Option(help="File with device ids, separated by spaces or newlines.")
+        Path | None,
+        typer.Option(help="File with device ids, separated by newlines, spaces or commas."),
     ] = None,
     task_id: Annotated[
         str | None, typer.Option(help="Task id (idempotency key); a random one by default.")
