@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import ssl
+import time
 from urllib.parse import urlsplit
 
 import h11
@@ -27,6 +28,8 @@ from eventdispatch.registry import ScriptVersion
 from eventdispatch.retry import trouble_began, trouble_ended
 
 TROUBLE = "deliver to Central Control"
+SUSTAINED_S = 3.0
+"""A delivery failing this long makes its worker report the trouble (and not ready)."""
 log = logging.getLogger("eventdispatch.central")
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -191,6 +194,7 @@ class CentralControl:
         url = f"/v1/devices/{device_id}/executions"
         tries = 0
         troubled = False
+        started = time.monotonic()
         try:
             while True:
                 tries += 1
@@ -208,7 +212,8 @@ class CentralControl:
                     if r.status_code not in TRANSIENT_STATUS:
                         return Delivery.REFUSED, f"HTTP {r.status_code}: {_detail(r)}"
                     trouble = f"HTTP {r.status_code}"
-                if not troubled:  # `health` shows it: Central Control down or misaddressed
+                if not troubled and time.monotonic() - started > SUSTAINED_S:
+                    # `health` shows it: Central Control down or misaddressed, not one 503
                     trouble_began(TROUBLE, f"{self.base_url}: {trouble}")
                     troubled = True
                 delay = self._backoff(tries)

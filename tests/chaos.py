@@ -4,7 +4,7 @@ On a private stack (its own ports and data folder, so restarting the broker and 
 nothing else on the machine), with `eventdispatch run --workers 2` and a Central Control
 simulator that answers 5% of calls with 503 and hangs on 1%, it submits tasks covering
 `executions` (task, device) pairs over `devices` devices, and meanwhile SIGKILLs a random
-working (ready) worker every few seconds and restarts Redis, the broker and MongoDB once each.
+working (started) worker every few seconds and restarts Redis, the broker and MongoDB once each.
 When every execution has ended in the projections it stops the service with SIGTERM (which
 must exit 0) and checks,
 from the simulator's record, the events log and the projections:
@@ -354,7 +354,7 @@ def run(
                     victims = [  # a worker at work, not one still starting
                         w
                         for w in _safe_workers(settings)
-                        if w["role"] == "stages" and w["pid"] and w["ready"]
+                        if w["role"] == "stages" and w["pid"] and w["alive"] and w["stages"]
                     ]
                     if victims:
                         os.kill(rnd.choice(victims)["pid"], signal.SIGKILL)
