@@ -169,6 +169,25 @@ def _wait_for(what: str, check: Any, timeout: float, log: Path | None = None) ->
     raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
 
 
+class _Finished:
+    """Counts the simulator's `finished` records as they are appended."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.seen = 0
+
+    def count(self) -> int:
+        if self.path.exists():
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+            whole = chunk[: chunk.rfind(b"\n") + 1]
+            self.offset += len(whole)
+            self.seen += whole.count(b'"event": "finished"')
+        return self.seen
+
+
 def _workers(settings: Settings) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{settings.health_port}/status"
     workers: list[dict[str, Any]] = httpx.get(url, timeout=2).json()["workers"]
@@ -344,6 +363,7 @@ def run(
             next_kill = time.monotonic() + kill_every_s
             deadline = started + timeout_s
             ended = 0
+            finished = _Finished(record)  # the devices' progress, ahead of the projections
             while ended < executions:
                 if time.monotonic() > deadline:
                     raise RuntimeError(
@@ -360,18 +380,19 @@ def run(
                         os.kill(rnd.choice(victims)["pid"], signal.SIGKILL)
                         report.kills += 1
                     next_kill = now + kill_every_s
-                if not redis_done and ended >= executions * 0.2:
-                    say(f"chaos: restarting Redis at {ended:,} ended")
+                done = finished.count()
+                if not redis_done and done >= executions * 0.2:
+                    say(f"chaos: restarting Redis at {done:,} finished on the devices")
                     stack.down(settings, log=lambda m: None, only=("redis",))
                     stack.up(settings, log=lambda m: None)
                     redis_done, report.redis_restarts = True, 1
-                if not broker_done and ended >= executions * 0.45:
-                    say(f"chaos: restarting the broker at {ended:,} ended")
+                if not broker_done and done >= executions * 0.45:
+                    say(f"chaos: restarting the broker at {done:,} finished on the devices")
                     stack.down(settings, log=lambda m: None, only=("pulsar",))
                     stack.up(settings, log=lambda m: None)
                     broker_done, report.broker_restarts = True, 1
-                if not mongo_done and ended >= executions * 0.7:
-                    say(f"chaos: restarting MongoDB at {ended:,} ended")
+                if not mongo_done and done >= executions * 0.7:
+                    say(f"chaos: restarting MongoDB at {done:,} finished on the devices")
                     stack.down(settings, log=lambda m: None, only=("mongo",))
                     stack.up(settings, log=lambda m: None)
                     mongo_done, report.mongo_restarts = True, 1
