@@ -202,6 +202,25 @@ def last_position(settings: Settings, topic: str) -> tuple[int, int] | None:
     return int(found["ledgerId"]), int(found["entryId"])
 
 
+def entries_through(ledgers: list[dict[str, Any]], end: tuple[int, int]) -> int | None:
+    """Broker entries from a topic's first retained one through `end` (ledger, entry), given
+    the `ledgers` of its internal stats (the open ledger is listed with 0 entries, so the end's
+    own ledger counts `entry + 1`). None if `end`'s ledger is not listed. Pure."""
+    ledger, entry = end
+    if not any(int(x["ledgerId"]) == ledger for x in ledgers):
+        return None
+    before = sum(int(x["entries"]) for x in ledgers if int(x["ledgerId"]) < ledger)
+    return before + entry + 1
+
+
+def entry_count(settings: Settings, topic: str, end: tuple[int, int]) -> int | None:
+    """Entries a reader from the first message through `end` reads (its progress total); a
+    batched entry holds several messages. None if the broker does not say."""
+    with _client(settings) as client:
+        stats = _get(client, f"{_topic_path(settings.topic(topic))}/internalStats")
+    return entries_through((stats or {}).get("ledgers", []), end)
+
+
 def backlog(settings: Settings, topic: str, subscription: str) -> int | None:
     """Messages a subscription has yet to acknowledge (for progress and lag reports)."""
     with _client(settings) as client:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,33 @@ class Outgoing:
 
 
 MessageKey = tuple[int, int, int]
+Entry = tuple[int, int]  # (ledger, entry): a broker entry, one message or a batch of them
+
+
+def _ignore(*_: int) -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Callbacks for a display of reading topics through, counted in broker entries (the unit
+    the broker can count ahead; a batched entry holds several messages): `total(entries)` once
+    per topic before its first batch, then `advance(entries, messages)` after each batch."""
+
+    total: Callable[[int], None] = _ignore
+    advance: Callable[[int, int], None] = _ignore
+
+
+def count_entries(keys: Iterable[MessageKey], after: Entry | None) -> tuple[int, Entry | None]:
+    """Distinct entries among `keys` (positions in read order) that come after the entry
+    `after`, and the last entry seen: what a batch adds to a read counted in entries. Pure."""
+    count = 0
+    last = after
+    for ledger, entry, _ in keys:
+        if last is None or (ledger, entry) > last:
+            count += 1
+            last = (ledger, entry)
+    return count, last
 
 
 def position(msg: pulsar.Message) -> MessageKey:

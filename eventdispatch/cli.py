@@ -10,6 +10,8 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -27,7 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from eventdispatch import logs
+from eventdispatch import bus, logs
 from eventdispatch.client import CommandRejected, EventDispatch
 from eventdispatch.config import Settings
 from projections import queries
@@ -194,14 +196,8 @@ def state_rebuild() -> None:
     from eventdispatch import state
 
     s = settings()
-    columns = (TextColumn("state rebuild"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err) as progress:
-        bar = progress.add_task("events", total=None)
-
-        def advance(done: int, total: int | None) -> None:
-            progress.update(bar, completed=done, total=max(total, done) if total else None)
-
-        rebuilt = _run(state.rebuild(s, advance))
+    with _entries_bar("state rebuild") as shown:
+        rebuilt = _run(state.rebuild(s, shown))
     out.print(
         f"read {rebuilt.events:,} events in {rebuilt.seconds:.1f}s: {rebuilt.devices:,} "
         f"device states, {rebuilt.scripts:,} script versions, {rebuilt.tasks:,} tasks; "
@@ -653,33 +649,8 @@ def rebuild(
     unknown = sorted(set(models) - set(ALL_MODELS))
     if unknown:
         fail(f"unknown projection {', '.join(unknown)}; choose from {', '.join(ALL_MODELS)}")
-    columns = (
-        TextColumn("rebuild"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err) as progress:
-        bar = progress.add_task("rebuild", total=None, rate="")
-        started = time.monotonic()
-        done = 0
-
-        entries = 0
-
-        def total(n: int) -> None:  # a lower bound: entries, each one or more messages
-            nonlocal entries
-            entries += n
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            rate = done / max(time.monotonic() - started, 1e-6)
-            # Once the bound is passed, estimate the rest from the average batch seen so far.
-            estimate = max(entries, done + 1) if done < entries else None
-            progress.update(bar, advance=n, total=estimate, rate=f"{rate:,.0f} events/s")
-
-        outcome = asyncio.run(rb.rebuild(settings(), models, verify, rb.Progress(total, advance)))
+    with _entries_bar("rebuild") as shown:
+        outcome = asyncio.run(rb.rebuild(settings(), models, verify, shown))
     out.print(
         f"read {outcome.events:,} messages in {outcome.seconds:.1f}s "
         f"({outcome.rate:,.0f}/s) into generation {outcome.generation}"
@@ -694,6 +665,39 @@ def rebuild(
         out.print(table)
         fail(f"{len(outcome.differences)} document(s) differ between live and rebuilt")
     out.print(f"switched {', '.join(models)} to generation {outcome.generation}")
+
+
+@contextmanager
+def _entries_bar(label: str) -> Iterator[bus.Progress]:
+    """A progress bar for reading topics, counted in broker entries (what the broker can
+    count ahead: a batched entry holds several messages), with the messages' rate beside it;
+    yields the callbacks to hand the reader."""
+    columns = (
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("entries"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err) as progress:
+        bar = progress.add_task(label, total=None, rate="")
+        started = time.monotonic()
+        messages = 0
+
+        def total(entries: int) -> None:  # once per topic
+            task = progress.tasks[bar]
+            progress.update(bar, total=(task.total or 0) + entries)
+
+        def advance(entries: int, read: int) -> None:
+            nonlocal messages
+            messages += read
+            rate = messages / max(time.monotonic() - started, 1e-6)
+            progress.update(bar, advance=entries, rate=f"{rate:,.0f} events/s")
+
+        yield bus.Progress(total, advance)
 
 
 def _short(doc: dict[str, Any] | None) -> str:

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import redis.asyncio as redis
@@ -19,7 +19,7 @@ from pulsar import ConsumerType
 
 from eventdispatch import admin, wire
 from eventdispatch import events as ev
-from eventdispatch.bus import Bus, position
+from eventdispatch.bus import Bus, Progress, count_entries, position
 from eventdispatch.config import Settings
 from eventdispatch.decider import DeviceState, evolve
 from eventdispatch.device_store import encode_state
@@ -103,7 +103,7 @@ async def _clear(client: redis.Redis, prefix: str, keep: str) -> int:
 
 async def rebuild(
     settings: Settings,
-    progress: Callable[[int, int | None], None] = lambda done, total: None,
+    progress: Progress | None = None,
     settle_s: float = 2.0,
 ) -> Rebuilt:
     """Refill Redis from the events topic under a new generation.
@@ -124,7 +124,7 @@ async def rebuild(
         await asyncio.sleep(settle_s)
         await _clear(client, settings.redis_prefix, keep=key)
         fold = Fold()
-        out.events = await _read_events(settings, fold, progress)
+        out.events = await _read_events(settings, fold, progress or Progress())
         pipe = client.pipeline(transaction=False)
         pending = 0
         for kind, k, value in writes(fold, settings.redis_prefix):
@@ -148,28 +148,31 @@ async def rebuild(
         await client.aclose()
 
 
-async def _read_events(
-    settings: Settings, fold: Fold, progress: Callable[[int, int | None], None]
-) -> int:
-    """Fold the events topic from its first message through the last one present now."""
+async def _read_events(settings: Settings, fold: Fold, progress: Progress) -> int:
+    """Fold the events topic from its first message through the last one present now;
+    progress in broker entries (see `bus.Progress`)."""
     end = await asyncio.to_thread(admin.last_position, settings, "events")
     if end is None:
         return 0
+    total = await asyncio.to_thread(admin.entry_count, settings, "events", end)
+    if total:
+        progress.total(total)
     bus = Bus(settings)
     subscription = f"state-rebuild-{uuid.uuid4().hex[:8]}"
     receiver = await bus.receiver("events", subscription, ConsumerType.Exclusive, 5000)
-    total = await asyncio.to_thread(admin.backlog, settings, "events", subscription)
     never = asyncio.Event()
     read = 0
+    entry: tuple[int, int] | None = None
     try:
         while True:
             batch = await receiver.next(never)
             assert batch is not None  # `never` is never set
-            for msg in batch:
-                if position(msg)[:2] <= end:
-                    fold.apply(wire.event_from_record(msg.value()))
-                    read += 1
-            progress(read, total)
+            wanted = [m for m in batch if position(m)[:2] <= end]
+            for msg in wanted:
+                fold.apply(wire.event_from_record(msg.value()))
+            read += len(wanted)
+            entries, entry = count_entries(map(position, wanted), entry)
+            progress.advance(entries, len(wanted))
             if position(batch[-1])[:2] >= end:
                 return read
     finally:

@@ -97,6 +97,8 @@ class Projector:
         changed = frozenset(m for m, g in new.items() if self.store.generations.get(m) != g)
         log.info("switching %s to generations %s; replaying from %s", sorted(changed), new, points)
         self.store.switch(new)
+        # Built by the rebuild before its switch where the server uses them; a no-op then.
+        await self.store.ensure_indexes(changed)
         for topic, start in points.items():
             await self._replay(topic, start, changed)
 

@@ -3,7 +3,8 @@
     1. Any rebuild left `building` by an interrupted run is discarded (its collections dropped,
        its subscription deleted); the live generation is never touched.
     2. A new generation is filled from the first event through the last one that existed when
-       the rebuild started, with its own subscription (so its backlog measures progress).
+       the rebuild started, with its own subscription; progress is counted in broker entries,
+       the unit the broker can count ahead.
     3. The alias document is switched for the rebuilt models, and the rebuild records the
        position it read through. The live projector sees the switch, replays the log from that
        position into the new generation (`adopt`), and carries on there: no gap, and no double
@@ -24,7 +25,7 @@ from pulsar import ConsumerType
 from pymongo.asynchronous.database import AsyncDatabase
 
 from eventdispatch import admin, wire
-from eventdispatch.bus import Bus, position
+from eventdispatch.bus import Bus, Progress, count_entries, position
 from eventdispatch.config import Settings
 from eventdispatch.events import Event
 from projections.reducers import MODELS, Doc, Model
@@ -32,10 +33,13 @@ from projections.store import (
     ALL_MODELS,
     Generations,
     ProjectionStore,
+    Taken,
     collection_name,
     connect,
     current_generations,
 )
+
+__all__ = ["Difference", "Fold", "Outcome", "Progress", "adoption_point", "rebuild"]
 
 EVENT_MODELS = frozenset(m.name for m in MODELS)
 Position = list[int]
@@ -155,16 +159,6 @@ class Fold:
 
 
 @dataclass(frozen=True, slots=True)
-class Progress:
-    """Callbacks for a progress display: a topic's backlog once known, then each batch. The
-    backlog counts broker entries, and a batched entry holds several messages, so it is a
-    lower bound of the messages to read."""
-
-    total: Callable[[int], None] = lambda _: None
-    advance: Callable[[int], None] = lambda _: None
-
-
-@dataclass(frozen=True, slots=True)
 class Difference:
     model: str
     key: str
@@ -216,20 +210,19 @@ async def _read_into(
     bus: Bus,
     settings: Settings,
     topic: str,
+    end: tuple[int, int],
     subscription: str,
     apply: Callable[[list[pulsar.Message]], Awaitable[None]],
     progress: Progress,
 ) -> tuple[int, Position | None]:
-    """Feed a topic from its first message through the last one present now to `apply`.
-    Returns (messages read, position read through)."""
-    end = admin.last_position(settings, topic)
-    if end is None:
-        return 0, None
+    """Feed a topic from its first message through the entry `end` to `apply`, reporting
+    each batch's new entries and messages to `progress`. Returns (messages read, position
+    read through)."""
     receiver = await bus.receiver(topic, subscription, ConsumerType.Exclusive, 5000)
-    progress.total(admin.backlog(settings, topic, subscription) or 0)  # entries, see Progress
     never = asyncio.Event()
     read = 0
     last: Position | None = None
+    entry: tuple[int, int] | None = None
     try:
         while True:
             batch = await receiver.next(never)
@@ -244,7 +237,8 @@ async def _read_into(
                 await apply(wanted)
                 read += len(wanted)
                 last = list(position(wanted[-1]))
-                progress.advance(len(wanted))
+                entries, entry = count_entries(map(position, wanted), entry)
+                progress.advance(entries, len(wanted))
             await receiver.consumer.acknowledge_cumulative(batch[-1])
             if position(batch[-1])[:2] >= end:
                 return read, last
@@ -290,6 +284,14 @@ async def rebuild(
             topics.append("device-logs")
         fold = Fold(m for m in MODELS if m.name in only)
         writing: asyncio.Task[None] | None = None
+        shown = progress or Progress()
+        # Each topic is read through its last entry now, the entries counted up front so
+        # the progress display has its total from the start.
+        ends = {t: end for t in topics if (end := admin.last_position(settings, t)) is not None}
+        totals = {t: admin.entry_count(settings, t, end) or 0 for t, end in ends.items()}
+        for n in totals.values():
+            if n:
+                shown.total(n)
 
         async def settle() -> None:
             """Wait for the write in flight (and raise its error)."""
@@ -298,18 +300,18 @@ async def rebuild(
                 task, writing = writing, None
                 await task
 
-        async def write(taken: dict[str, tuple[list[Doc], list[Doc]]]) -> None:
-            # Models side by side: FerretDB decodes and encodes documents on several threads
-            # even though SQLite takes one write at a time.
-            await asyncio.gather(*(store.write_once(m, *docs) for m, docs in taken.items()))
+        async def write(taken: Taken) -> None:
+            await store.write_once(taken)
 
-        async def flush(everything: bool = False) -> None:
-            """Hand the cold documents to a write that runs while the next events fold."""
+        async def flush(everything: bool = False) -> int:
+            """Hand the cold documents to a write that runs while the next events fold;
+            returns how many."""
             nonlocal writing
             await settle()  # one write at a time: a replacement follows its insert
             taken = fold.take(everything)
             if taken:
                 writing = asyncio.create_task(write(taken))
+            return sum(len(i) + len(r) for i, r in taken.values())
 
         async def read_back() -> None:
             await settle()  # what left memory may still be on its way to the store
@@ -333,35 +335,43 @@ async def rebuild(
             await store.apply_logs([m.value() for m in batch])
 
         started = time.monotonic()
-        through: dict[str, Position | None] = {}
+        through: dict[str, Position | None] = dict.fromkeys(topics)  # empty: replay it all
         phases: dict[str, float] = {}  # seconds from the start, recorded in the meta document
+        last_write = 0  # documents written after the last event was read
         try:
-            for topic in topics:
+            for topic, end in ends.items():
                 n, last = await _read_into(
                     bus,
                     settings,
                     topic,
+                    end,
                     f"rebuild-g{gen}",
                     apply_events if topic == "events" else apply_logs,
-                    progress or Progress(),
+                    shown,
                 )
                 outcome.events += n
                 through[topic] = last
                 phases[f"read {topic}"] = time.monotonic() - started
                 if topic == "events":
-                    await flush(everything=True)
+                    await settle()
+                    phases["earlier writes"] = time.monotonic() - started
+                    last_write = await flush(everything=True)
                     await settle()
                     phases["written"] = time.monotonic() - started
         finally:
             if writing is not None:  # failed: the next rebuild discards this generation
                 writing.cancel()
-        if not verify:  # built after the load: cheaper than keeping them up to date through it
+        indexed = not verify and await store.indexes_used()
+        if indexed:  # built after the load: cheaper than keeping them up to date through it
             await store.ensure_indexes()
-        outcome.seconds = phases["indexed"] = time.monotonic() - started
+            phases["indexed"] = time.monotonic() - started
+        outcome.seconds = time.monotonic() - started
         meta = {
             "through": through,
+            "indexes": indexed,
             "events": outcome.events,
             "documents": fold.count,
+            "last_write": last_write,
             "seconds": {k: round(v, 1) for k, v in phases.items()},
             "finished_at_ms": int(time.time() * 1000),
         }
