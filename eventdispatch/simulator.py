@@ -4,7 +4,8 @@ It speaks the contract in `central.py`, "runs" each accepted script after a late
 the log lines to `device-logs` like the real service, and appends what it saw to a JSONL record:
     {"event": "accepted", "exec_id", "device_id", "at_ms"}     first POST of an exec_id
     {"event": "repeat",   "exec_id", "device_id", "at_ms"}     a POST with a known key
-    {"event": "finished", "exec_id", "device_id", "received_at_ms", "at_ms", "outcome"}
+    {"event": "finished", "exec_id", "device_id", "received_at_ms", "at_ms", "outcome"}  at_ms: the
+                                   script ended, before its result lines were published
     {"event": "stopped",  "exec_id", "device_id", "at_ms"}     a DELETE of a running attempt
     {"event": "refused",  "exec_id", "device_id", "at_ms", "status"}
 The record is how tests see what the devices saw (I1, I3, I4 from the device side).
@@ -188,6 +189,7 @@ class Simulator:
                 lines.append(("SUCCESS", "exit 0"))
             elif outcome in ("ERROR", "SYSTEM_ERROR"):
                 lines.append((outcome, "exit 1: simulated failure"))
+            ended = _now_ms()  # the script ends, then the device reports it
             await self._publish(exec_id, device_id, lines)
             if outcome == "SILENT":
                 await asyncio.Future()  # runs until stopped, never reports a result
@@ -196,7 +198,7 @@ class Simulator:
                 exec_id=exec_id,
                 device_id=device_id,
                 received_at_ms=received,
-                at_ms=_now_ms(),
+                at_ms=ended,
                 outcome=outcome,
             )
         finally:
