@@ -43,7 +43,7 @@ integration: stack-up  ## the tests against the real services
 test: lint stack-up  ## everything CI runs: lint, unit and integration tests on the real services
 	$(BIN)/pytest
 
-chaos: $(ED)  ## 20,000 executions on a private stack while workers, Redis and the broker crash (~15 min; not part of test)
+chaos: $(ED)  ## 20,000 executions on a private stack while workers, Redis and the broker crash (15-25 min; not part of test)
 	$(BIN)/python -m tests.chaos --executions 20000 --devices 2000 --workers 2
 
 bench: stack-up  ## measure throughput, latency, timers, fan-out and projections (30-45 min; not in test)
