@@ -174,9 +174,9 @@ class Supervisor:
         child.was_ready = False
         beats = asyncio.create_task(self._read_beats(child, read_fd))
         waited = asyncio.create_task(child.process.wait())
-        await asyncio.wait(
-            [waited, asyncio.create_task(self.stop.wait())], return_when="FIRST_COMPLETED"
-        )
+        stopping = asyncio.create_task(self.stop.wait())
+        await asyncio.wait([waited, stopping], return_when="FIRST_COMPLETED")
+        stopping.cancel()  # else every restart leaves one more waiter behind
         if not waited.done():  # stopping: let it drain, then insist
             with contextlib.suppress(ProcessLookupError):
                 child.process.terminate()
