@@ -32,6 +32,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import socket
 import struct
@@ -728,7 +729,16 @@ def _e2e_run(o: Options, workers: int, devices: int) -> dict[str, Any]:
             dep.stop()
 
 
+def py_spy_path() -> str | None:
+    """py-spy on PATH, or beside this interpreter (a venv's bin/ that is not activated)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
 def _py_spy(dep: Deployment, folder: Path, label: str) -> list[subprocess.Popen[bytes]]:
+    spy = py_spy_path()
+    if spy is None:
+        raise RuntimeError("--profile needs py-spy: pip install py-spy")
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for p in dep.procs:
@@ -737,7 +747,7 @@ def _py_spy(dep: Deployment, folder: Path, label: str) -> list[subprocess.Popen[
             out.append(
                 subprocess.Popen(
                     [
-                        *("py-spy", "record", "-p", str(pid), "-o", str(svg)),
+                        *(spy, "record", "-p", str(pid), "-o", str(svg)),
                         *("-f", "raw", "-r", "50", "--nonblocking"),
                     ],
                     stdout=subprocess.DEVNULL,

@@ -779,6 +779,8 @@ def bench(
         )
     except ValueError as e:
         fail(str(e))
+    if profile and b.py_spy_path() is None:
+        fail("--profile needs py-spy, which is not installed: pip install py-spy")
     result = b.run(parts, opts)
     json_out.write_text(json.dumps(result, indent=2) + "\n")
     table = Table("part", "measurement", "value", "target", title="eventdispatch bench")
