@@ -85,6 +85,9 @@ class DeviceStore:
         while not await self._save(keys=keys, args=[self.guard.expected or "", encoded]):
             await self.guard.valid()
 
-    async def mark_delivery(self, exec_id: str) -> bool:
-        """Note that a call for this attempt is about to be made; False if one was made before."""
-        return bool(await self.redis.set(f"{self.prefix}:sent:{exec_id}", 1, nx=True))
+    async def mark_delivery(self, exec_id: str, ttl_s: int) -> bool:
+        """Note that a call for this attempt is about to be made; False if one was made before.
+        The marker expires after `ttl_s` (the attempt's life and more): one is set per attempt,
+        and without an expiry they would fill Redis for ever."""
+        key = f"{self.prefix}:sent:{exec_id}"
+        return bool(await self.redis.set(key, 1, nx=True, ex=ttl_s))

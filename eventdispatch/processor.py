@@ -52,6 +52,8 @@ T = TypeVar("T")
 # consumers are not held up (their keys are theirs).
 MAX_DEVICES_IN_FLIGHT = 5_000
 RESUME_BELOW = MAX_DEVICES_IN_FLIGHT - 500
+# A delivery marker outlives its attempt's deadline by a day, then expires.
+MARKER_SLACK_S = 86_400
 
 
 def now_ms() -> int:
@@ -251,7 +253,8 @@ class DeviceProcessor:
                 Delivery.REFUSED,
                 "script version not in the registry",
             )
-        await retry_in_place("mark delivery", lambda: self.store.mark_delivery(key))
+        ttl_s = effect.timeout_s + MARKER_SLACK_S
+        await retry_in_place("mark delivery", lambda: self.store.mark_delivery(key, ttl_s))
         result, detail = await self.central.deliver(
             device_id, key, script, effect.params_json, effect.timeout_s
         )

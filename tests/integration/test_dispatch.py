@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from eventdispatch.client import EventDispatch
 from eventdispatch.config import Settings
@@ -57,6 +58,16 @@ async def test_a_task_to_50_devices_succeeds_on_every_device(
         if r["event"] == "accepted" and r["exec_id"].startswith(f"{task_id}:")
     ]
     assert sorted(accepted_ids) == sorted(f"{task_id}:{d}:1" for d in devices)
+
+    # A delivery marker was set before each call, and it expires: one per attempt for ever
+    # would fill Redis.
+    r = redis.Redis.from_url(settings.redis_url)
+    try:
+        markers = [f"{settings.redis_prefix}:sent:{x}" for x in accepted_ids]
+        ttls = [r.ttl(m) for m in markers]
+        assert all(600 < ttl <= 600 + 86_400 for ttl in ttls), ttls  # timeout 600 s + a day
+    finally:
+        r.close()
 
     # The projections agree.
     mongo = connect(settings.mongo_url)
