@@ -239,18 +239,42 @@ class Receiver:
                 except Exception:  # the loop is gone
                     return
 
-    async def next(self, stop: asyncio.Event) -> list[pulsar.Message] | None:
-        """The next batch, or None once `stop` is set."""
+    async def next(
+        self, stop: asyncio.Event, timeout: float | None = None
+    ) -> list[pulsar.Message] | None:
+        """The next batch, or None once `stop` is set; an empty batch after `timeout` s."""
         if stop.is_set():
             return None
         batch = asyncio.ensure_future(self._queue.get())
         stopped = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({batch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {batch, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        stopped.cancel()
         if batch in done:
-            stopped.cancel()
             return batch.result()
         batch.cancel()
-        return None
+        with contextlib.suppress(asyncio.CancelledError):
+            await batch  # a get that won the race keeps its batch: hand it over, not lose it
+        if batch.cancelled():
+            return None if stop.is_set() else []
+        return batch.result()
+
+    async def gather(
+        self, stop: asyncio.Event, size: int, linger_s: float
+    ) -> list[pulsar.Message] | None:
+        """The next batch, topped up with what arrives within `linger_s` of it, up to about
+        `size` messages; None once `stop` is set and nothing was received."""
+        batch = await self.next(stop)
+        if batch is None:
+            return None
+        deadline = self._loop.time() + linger_s
+        while len(batch) < size and (left := deadline - self._loop.time()) > 0:
+            more = await self.next(stop, left)
+            if not more:  # timed out, or stopping: apply what there is
+                break
+            batch.extend(more)
+        return batch
 
     async def close(self) -> None:
         """Stop receiving and close the consumer: what was received but not acknowledged is

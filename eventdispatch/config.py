@@ -47,6 +47,9 @@ class Settings(BaseSettings):
 
     # Projector
     projector_batch_size: int = 1000
+    # How long a batch waits for more events before it is written: fewer, larger writes for
+    # this much more lag (docs/benchmarks.md). 0 writes whatever has arrived at once.
+    projector_linger_ms: int = Field(default=250, ge=0, le=10_000)
     drain_grace_s: float = 20.0
 
     # Supervisor (`run`): where it serves /status, /healthz and /readyz, on loopback

@@ -145,9 +145,12 @@ async def run(
             projections = await _unless_stopped(opening, stop)
             if projections is None:
                 return 0
-            stages["projector"] = Projector(bus, projections, settings.projector_batch_size).run(
-                stop
-            )
+            stages["projector"] = Projector(
+                bus,
+                projections,
+                settings.projector_batch_size,
+                settings.projector_linger_ms / 1000,
+            ).run(stop)
         if stop.is_set():
             for coroutine in stages.values():
                 coroutine.close()
