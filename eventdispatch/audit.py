@@ -46,6 +46,10 @@ class TimeFormatError(ValueError):
     """A time or duration the user typed that we cannot read; the message says what we accept."""
 
 
+def _devices(n: int) -> str:
+    return f"{n} device" if n == 1 else f"{n} devices"
+
+
 def parse_duration_ms(text: str) -> int:
     """'1h30m' -> 5_400_000. Also '0' and '90s'; units w, d, h, m, s, largest first."""
     value = text.strip()
@@ -299,11 +303,11 @@ def detail(event: Event) -> str:
         case ev.LateResult():
             return f"late {p.level} for {p.exec_id}: {p.message}"
         case ev.TaskAccepted():
-            return f"script {p.script_id} v{p.script_version} on {len(p.devices)} devices"
+            return f"script {p.script_id} v{p.script_version} on {_devices(len(p.devices))}"
         case ev.ScriptRegistered():
             return f"{p.script_id} v{p.version} ({p.language}, sha256 {p.sha256[:12]})"
         case ev.CancelAccepted():
-            return f"cancel on {len(p.devices)} devices" + (f": {p.reason}" if p.reason else "")
+            return f"cancel on {_devices(len(p.devices))}" + (f": {p.reason}" if p.reason else "")
         case ev.Rejected():
             return f"{p.reason_code}: {p.reason}"
     return ""

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 from urllib.parse import urlsplit
@@ -55,6 +55,15 @@ app.add_typer(state_app, name="state")
 out = Console()
 err = Console(stderr=True)
 STATE_ORDER = ("scheduled", "waiting", "locked", "sent", "retrying", *TERMINAL_STATES)
+
+
+# Exit codes: 0 done; 1 refused, failed or a value to fix; 2 a usage error (unknown option or
+# command, from the parser); 3 the service did not answer in time (a command stays queued).
+NO_ANSWER = 3
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -113,7 +122,7 @@ def run(
             min=1,
             help="Worker processes, each running the planner, device processor, timer relay "
             "and log bridge. Add more here or on other machines that reach the broker. "
-            "Default: the CPU count.",
+            "The default is this machine's CPU count.",
         ),
     ] = os.cpu_count() or 1,
     with_projector: Annotated[
@@ -127,8 +136,8 @@ def run(
     health_port: Annotated[
         int | None,
         typer.Option(
-            help="Serve /status, /healthz and /readyz on this loopback port "
-            "[default: EVENTDISPATCH_HEALTH_PORT, else 8790]"
+            help="Serve /status, /healthz and /readyz on this loopback port (default: "
+            "EVENTDISPATCH_HEALTH_PORT, else 8790)."
         ),
     ] = None,
 ) -> None:
@@ -146,7 +155,7 @@ def run(
     try:
         code = asyncio.run(supervisor.supervise(s, workers, with_projector, port))
     except supervisor.SupervisorError as e:
-        fail(str(e), code=2)
+        fail(str(e))
     raise typer.Exit(code)
 
 
@@ -211,12 +220,12 @@ def health(
     health_port: Annotated[
         int | None,
         typer.Option(
-            help="The supervisor's health port [default: EVENTDISPATCH_HEALTH_PORT, else 8790]"
+            help="The supervisor's health port (default: EVENTDISPATCH_HEALTH_PORT, else 8790)."
         ),
     ] = None,
 ) -> None:
     """Show the workers of a running `eventdispatch run`: alive, ready, restarts, and what
-    each is waiting on. Exits 1 unless every worker is ready, 2 if no supervisor answers."""
+    each is waiting on. Exits 1 unless every worker is ready, 3 if no supervisor answers."""
     import httpx
 
     port = health_port if health_port is not None else settings().health_port
@@ -224,7 +233,8 @@ def health(
     try:
         status = httpx.get(url, timeout=5).json()
     except httpx.HTTPError as e:
-        fail(f"no supervisor answers on {url} ({type(e).__name__}); is `eventdispatch run` up?", 2)
+        why = f"no supervisor answers on {url} ({type(e).__name__}); is `eventdispatch run` up?"
+        fail(why, NO_ANSWER)
     if as_json:
         out.print_json(data=status)
     else:
@@ -251,7 +261,7 @@ def simulate(
     port: Annotated[
         int | None,
         typer.Option(
-            help="Port to listen on [default: the port of EVENTDISPATCH_CENTRAL_URL, 8700], so "
+            help="Port to listen on (default: the port of EVENTDISPATCH_CENTRAL_URL, 8700), so "
             "the service and the simulator agree."
         ),
     ] = None,
@@ -266,7 +276,13 @@ def simulate(
     ] = "5:20",
     behaviour: Annotated[
         Path | None,
-        typer.Option(help="JSON/YAML rules per device pattern (see eventdispatch/simulator.py)."),
+        typer.Option(
+            help="JSON or YAML file of rules per device pattern, first match wins; keys: "
+            "devices (a glob), status (answer every POST with it: 404, 422, 500...), outcomes "
+            "(by attempt, the last repeats: SUCCESS, ERROR, SYSTEM_ERROR, SILENT), latency_ms "
+            "([min, max]), error_rate (share answered 503), throttle_rate (429), hang_rate and "
+            "hang_s. Example: - {devices: 'flaky-*', outcomes: [ERROR, SUCCESS]}"
+        ),
     ] = None,
 ) -> None:
     """Run a Central Control simulator: accepts scripts over HTTP, honours Idempotency-Key,
@@ -366,16 +382,30 @@ def submit(
         str | None,
         typer.Option(help="Start time, ISO-8601 with offset: 2026-12-03T18:00:00+01:00."),
     ] = None,
-    max_attempts: Annotated[int | None, typer.Option(help="Attempts per device, 1..20.")] = None,
-    timeout: Annotated[int | None, typer.Option(help="Seconds per attempt, 1..86400.")] = None,
+    max_attempts: Annotated[
+        int | None,
+        typer.Option(
+            help="Attempts per device, 1..20 (default: EVENTDISPATCH_DEFAULT_MAX_ATTEMPTS, 3)."
+        ),
+    ] = None,
+    timeout: Annotated[
+        int | None,
+        typer.Option(
+            help="Seconds per attempt, 1..86400 (default: EVENTDISPATCH_DEFAULT_TIMEOUT_S, 600)."
+        ),
+    ] = None,
     priority: Annotated[int, typer.Option(help="0..9; higher runs first on a busy device.")] = 0,
     params: Annotated[str, typer.Option(help="Script parameters as a JSON object.")] = "{}",
     wait: Annotated[bool, typer.Option("--wait", help="Wait for every device to finish.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    accept_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the planner's verdict.", min=0.1)
+    ] = 30,
 ) -> None:
     """Ask for SCRIPT to run on a set of devices. Prints the task id once the planner has
-    accepted it; exits 1 with the reason if it was rejected. With --wait, shows progress and
-    exits 0 only if every device succeeded."""
+    accepted it; exits 1 with the reason if it was rejected, 3 if no planner answered within
+    --accept-timeout (the command stays queued). With --wait, shows progress and exits 0 only
+    if every device succeeded, else 1 with the failures' reasons."""
     device_list = _devices(devices, devices_file)
     execute_at = None
     if at is not None:
@@ -385,6 +415,8 @@ def submit(
             fail(f"--at {at!r} is not an ISO-8601 time, e.g. 2026-12-03T18:00:00+00:00")
         if execute_at.tzinfo is None:
             fail(f"--at {at!r} has no UTC offset; add one, e.g. {at}+00:00")
+        if execute_at < datetime.now(UTC):
+            err.print(f"note: --at {at} is in the past; the task starts now")
     try:
         param_obj = json.loads(params)
     except json.JSONDecodeError as e:
@@ -406,16 +438,22 @@ def submit(
                 priority=priority,
                 params=param_obj,
             )
-            summary = await ed.wait_accepted(sub)
+            if not as_json and sys.stderr.isatty():
+                err.print("[dim]waiting for the planner to accept it...[/]")
+            summary = await ed.wait_accepted(sub, accept_timeout)
             if not as_json:
-                out.print(f"task [bold]{tid}[/] accepted: {summary.total} devices")
+                out.print(f"task [bold]{tid}[/] accepted: {plural(summary.total, 'device')}")
             if wait:
                 summary = await _wait_with_progress(ed, tid, quiet=as_json)
             if as_json:
                 out.print_json(data=summary.as_json())
             elif wait:
                 _print_summary(summary)
-            return 0 if not wait or summary.counts.get("succeeded", 0) == summary.total else 1
+            if not wait or summary.counts.get("succeeded", 0) == summary.total:
+                return 0
+            if not as_json:
+                await _print_failures(ed, tid)
+            return 1
 
     raise typer.Exit(_run(go()))
 
@@ -446,9 +484,22 @@ def _ordered(counts: dict[str, int]) -> list[tuple[str, int]]:
     )
 
 
+async def _print_failures(ed: EventDispatch, task_id: str, limit: int = 10) -> None:
+    """Why devices did not succeed: the first few, and where to look for the rest."""
+    found, total = await queries.unsuccessful(await ed.store(), task_id, limit)
+    for doc in found:
+        why = ": ".join(str(x) for x in (doc.get("reason_code"), doc.get("error")) if x)
+        err.print(f"  {doc['device_id']}: {doc['state']} ({why or 'no reason recorded'})")
+    if total > len(found):
+        err.print(
+            f"  ... and {total - len(found):,} more: eventdispatch audit --task {task_id} --stats"
+        )
+
+
 def _print_summary(summary: TaskSummary) -> None:
     t = summary.task
-    table = Table(title=f"task {t['_id']} - script {t['script_id']} v{t['script_version']}")
+    out.print(f"task [bold]{t['_id']}[/], script {t['script_id']} v{t['script_version']}")
+    table = Table()
     table.add_column("state")
     table.add_column("executions", justify="right")
     for state, n in _ordered(summary.counts):
@@ -494,14 +545,19 @@ def cancel(
         str | None, typer.Option(help="Only these devices (comma-separated); all by default.")
     ] = None,
     reason: Annotated[str, typer.Option(help="Why; stored with each Canceled event.")] = "",
+    accept_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the planner's verdict.", min=0.1)
+    ] = 30,
 ) -> None:
-    """Cancel a task's executions that have not ended; running attempts are stopped."""
+    """Cancel a task's executions that have not ended; running attempts are stopped. Exits 1
+    if the cancel was rejected, 3 if no planner answered within --accept-timeout (the cancel
+    stays queued, behind the commands before it)."""
     device_list = [d for d in devices.split(",") if d] if devices else None
 
     async def go() -> int:
         async with EventDispatch(settings()) as ed:
             command_id = await ed.cancel(task_id, device_list, reason)
-            await ed.wait_cancel_accepted(task_id, command_id)
+            await ed.wait_cancel_accepted(task_id, command_id, accept_timeout)
         out.print(f"cancel accepted for task [bold]{task_id}[/]: its live executions end now")
         return 0
 
@@ -625,8 +681,8 @@ def rebuild(
         list[str] | None,
         typer.Option(
             "--projection",
-            help="A read model to rebuild (repeatable): executions, attempts, tasks, scripts, "
-            "rejections, logs. All by default.",
+            help="A read model to rebuild (repeatable): executions, attempts, devices, tasks, "
+            "scripts, rejections, logs. All by default.",
         ),
     ] = None,
     verify: Annotated[
@@ -713,7 +769,7 @@ def _run(coro: Any) -> Any:
     except CommandRejected as e:
         fail(f"rejected: {e.code}: {e.reason}")
     except TimeoutError as e:
-        fail(str(e), code=2)
+        fail(str(e), code=NO_ANSWER)
     except Exception as e:  # connection trouble: say what and where, not a traceback
         name = type(e).__name__
         if "Pulsar" in name or "ServerSelection" in name or "Connect" in name:

@@ -208,7 +208,8 @@ class EventDispatch:
             timeout_s,
             f"task {sub.task_id!r} to be accepted",
             f"the command stays queued and is planned when the service runs; "
-            f"`eventdispatch cancel {sub.task_id}` withdraws it",
+            f"`eventdispatch cancel {sub.task_id}` then ends whatever has not run by the time "
+            "the cancel is planned",
         )
 
     async def status(self, task_id: str) -> TaskSummary | None:

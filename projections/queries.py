@@ -68,6 +68,15 @@ async def executions(store: ProjectionStore, task_id: str, limit: int = 0) -> li
     return [d async for d in cursor]
 
 
+async def unsuccessful(store: ProjectionStore, task_id: str, limit: int) -> tuple[list[Doc], int]:
+    """Up to `limit` of a task's executions that ended otherwise than succeeded, and how many
+    there are."""
+    query = {"task_id": task_id, "state": {"$in": ["failed", "canceled"]}}
+    coll = store.collection("executions")
+    found = [d async for d in coll.find(query).sort("device_id", 1).limit(limit)]
+    return found, await coll.count_documents(query)
+
+
 async def tasks_overview(store: ProjectionStore, limit: int = 100) -> list[TaskSummary]:
     """The newest tasks with their counts per state (one aggregation for all of them)."""
     tasks = [
