@@ -28,6 +28,7 @@ INDEXES: dict[str, list[list[tuple[str, int]]]] = {
     "logs": [[("exec_id", ASCENDING)], [("device_id", ASCENDING), ("ts_ms", ASCENDING)]],
 }
 ALL_MODELS = (*(m.name for m in MODELS), "logs")
+WRITE_ORDER = sorted(MODELS, key=lambda m: m.name == "executions")  # executions last
 
 
 def connect(url: str) -> AsyncMongoClient[Doc]:
@@ -129,8 +130,9 @@ class ProjectionStore:
 
     async def apply(self, events: list[Event], only: frozenset[str] | None = None) -> None:
         """Fold a batch into every model (or `only` those): one read and one bulk write per
-        model touched."""
-        for model in MODELS:
+        model touched. Executions are written last: a reader that sees an execution end (what
+        `status` and `wait_done` look at) finds the same batch's attempts and devices there."""
+        for model in WRITE_ORDER:
             if only is not None and model.name not in only:
                 continue
             grouped: dict[str, list[Event]] = defaultdict(list)
