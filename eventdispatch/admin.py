@@ -192,14 +192,17 @@ def _is_infinite(policy: Any) -> bool:
     )
 
 
-def last_position(settings: Settings, topic: str) -> tuple[int, int] | None:
-    """(ledger, entry) of the last message on a topic, or None if it has none."""
+def last_position(settings: Settings, topic: str) -> tuple[int, int, int] | None:
+    """(ledger, entry, batch index) of the last message on a topic, comparable with
+    `bus.position`, or None if it has none. The batch index matters: a reader that stops at
+    the first message of the last entry would miss the rest of that batch."""
     path = f"{_topic_path(settings.topic(topic))}/lastMessageId"
     with _client(settings) as client:
         found = _get(client, path)
     if not found or int(found.get("entryId", -1)) < 0 or int(found.get("ledgerId", -1)) < 0:
         return None
-    return int(found["ledgerId"]), int(found["entryId"])
+    batch = int(found.get("batchIndex", -1))
+    return int(found["ledgerId"]), int(found["entryId"]), max(batch, -1)
 
 
 def entries_through(ledgers: list[dict[str, Any]], end: tuple[int, int]) -> int | None:

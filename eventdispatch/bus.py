@@ -69,6 +69,19 @@ def count_entries(keys: Iterable[MessageKey], after: Entry | None) -> tuple[int,
     return count, last
 
 
+def within(pos: MessageKey, end: MessageKey) -> bool:
+    """Whether the message at `pos` comes no later than `end`, the last message of a topic as
+    `admin.last_position` gives it. An end batch index of -1 (the broker did not say) means
+    the whole entry. Pure."""
+    return pos[:2] < end[:2] or (pos[:2] == end[:2] and (end[2] < 0 or pos[2] <= end[2]))
+
+
+def reached(pos: MessageKey, end: MessageKey) -> bool:
+    """Whether a reader in log order that has just read `pos` has read everything through
+    `end`: the whole last batch, not just its first message. Pure."""
+    return pos[:2] > end[:2] or (pos[:2] == end[:2] and (end[2] < 0 or pos[2] >= end[2]))
+
+
 def position(msg: pulsar.Message) -> MessageKey:
     """A message's place in a non-partitioned topic, comparable with <."""
     mid = msg.message_id()

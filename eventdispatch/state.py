@@ -19,7 +19,7 @@ from pulsar import ConsumerType
 
 from eventdispatch import admin, wire
 from eventdispatch import events as ev
-from eventdispatch.bus import Bus, Progress, count_entries, position
+from eventdispatch.bus import Bus, Progress, count_entries, position, reached, within
 from eventdispatch.config import Settings
 from eventdispatch.decider import DeviceState, evolve
 from eventdispatch.device_store import encode_state
@@ -154,7 +154,7 @@ async def _read_events(settings: Settings, fold: Fold, progress: Progress) -> in
     end = await asyncio.to_thread(admin.last_position, settings, "events")
     if end is None:
         return 0
-    total = await asyncio.to_thread(admin.entry_count, settings, "events", end)
+    total = await asyncio.to_thread(admin.entry_count, settings, "events", end[:2])
     if total:
         progress.total(total)
     bus = Bus(settings)
@@ -167,13 +167,13 @@ async def _read_events(settings: Settings, fold: Fold, progress: Progress) -> in
         while True:
             batch = await receiver.next(never)
             assert batch is not None  # `never` is never set
-            wanted = [m for m in batch if position(m)[:2] <= end]
+            wanted = [m for m in batch if within(position(m), end)]
             for msg in wanted:
                 fold.apply(wire.event_from_record(msg.value()))
             read += len(wanted)
             entries, entry = count_entries(map(position, wanted), entry)
             progress.advance(entries, len(wanted))
-            if position(batch[-1])[:2] >= end:
+            if reached(position(batch[-1]), end):
                 return read
     finally:
         await receiver.close()

@@ -18,7 +18,7 @@ import pulsar
 from pulsar import ConsumerType
 
 from eventdispatch import admin, wire
-from eventdispatch.bus import Bus, Receiver, position
+from eventdispatch.bus import Bus, Receiver, position, reached
 from eventdispatch.events import Event
 from eventdispatch.retry import retry_in_place
 from projections.rebuild import adoption_point
@@ -137,7 +137,7 @@ class Projector:
                 replayed += 1
                 if len(pending) >= self.batch_size:
                     await flush()
-                if position(msg)[:2] >= end:
+                if reached(position(msg), end):  # the whole last batch, not its first message
                     break
             await flush()
         finally:

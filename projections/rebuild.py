@@ -25,7 +25,7 @@ from pulsar import ConsumerType
 from pymongo.asynchronous.database import AsyncDatabase
 
 from eventdispatch import admin, wire
-from eventdispatch.bus import Bus, Progress, count_entries, position
+from eventdispatch.bus import Bus, MessageKey, Progress, count_entries, position, reached, within
 from eventdispatch.config import Settings
 from eventdispatch.events import Event
 from projections.reducers import MODELS, Doc, Model
@@ -210,12 +210,12 @@ async def _read_into(
     bus: Bus,
     settings: Settings,
     topic: str,
-    end: tuple[int, int],
+    end: MessageKey,
     subscription: str,
     apply: Callable[[list[pulsar.Message]], Awaitable[None]],
     progress: Progress,
 ) -> tuple[int, Position | None]:
-    """Feed a topic from its first message through the entry `end` to `apply`, reporting
+    """Feed a topic from its first message through the message `end` to `apply`, reporting
     each batch's new entries and messages to `progress`. Returns (messages read, position
     read through)."""
     receiver = await bus.receiver(topic, subscription, ConsumerType.Exclusive, 5000)
@@ -231,7 +231,9 @@ async def _read_into(
             # the hand-over timed out); the log is read in order, so skip what was read.
             seen = tuple(last) if last is not None else None
             wanted = [
-                m for m in batch if position(m)[:2] <= end and (seen is None or position(m) > seen)
+                m
+                for m in batch
+                if within(position(m), end) and (seen is None or position(m) > seen)
             ]
             if wanted:
                 await apply(wanted)
@@ -240,7 +242,7 @@ async def _read_into(
                 entries, entry = count_entries(map(position, wanted), entry)
                 progress.advance(entries, len(wanted))
             await receiver.consumer.acknowledge_cumulative(batch[-1])
-            if position(batch[-1])[:2] >= end:
+            if reached(position(batch[-1]), end):
                 return read, last
     finally:
         await receiver.close()
@@ -288,7 +290,7 @@ async def rebuild(
         # Each topic is read through its last entry now, the entries counted up front so
         # the progress display has its total from the start.
         ends = {t: end for t in topics if (end := admin.last_position(settings, t)) is not None}
-        totals = {t: admin.entry_count(settings, t, end) or 0 for t, end in ends.items()}
+        totals = {t: admin.entry_count(settings, t, end[:2]) or 0 for t, end in ends.items()}
         for n in totals.values():
             if n:
                 shown.total(n)

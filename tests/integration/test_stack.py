@@ -18,6 +18,7 @@ import pytest
 from pulsar.schema import AvroSchema
 
 from eventdispatch import admin, stack
+from eventdispatch.bus import position, reached, within
 from eventdispatch.config import Settings
 
 pytestmark = pytest.mark.integration
@@ -119,3 +120,32 @@ def test_delayed_message_is_never_delivered_early(
     assert received - sent < 3.0  # tick is 100 ms; anything slower means timers lag
     producer.close()
     consumer.close()
+
+
+def test_last_position_names_the_last_message_of_a_batch(
+    stack_settings: Settings, pulsar_client: pulsar.Client
+) -> None:
+    """Reads "through the last message now" (rebuild, replay, state rebuild) stop there: it must
+    be the batch's last message, or the rest of a batched last entry is never read."""
+    topic = stack_settings.topic("device-logs")
+    producer = pulsar_client.create_producer(
+        topic,
+        batching_enabled=True,
+        batching_max_publish_delay_ms=100,
+        batching_type=pulsar.BatchingType.KeyBased,
+    )
+    for n in range(3):
+        producer.send_async(f"line {n}".encode(), None, partition_key="dev-1")
+    producer.flush()
+    producer.close()
+    end = admin.last_position(stack_settings, "device-logs")
+    reader = pulsar_client.create_reader(topic, pulsar.MessageId.earliest)
+    read = []
+    while reader.has_message_available():
+        read.append(position(reader.read_next(timeout_millis=5_000)))
+    reader.close()
+    assert end is not None and len(read) == 3
+    assert read[0][:2] == read[2][:2]  # one entry: a batch of three
+    assert end == read[-1]
+    assert [within(p, end) for p in read] == [True] * 3
+    assert [reached(p, end) for p in read] == [False, False, True]

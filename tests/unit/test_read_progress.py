@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from eventdispatch.admin import entries_through
-from eventdispatch.bus import count_entries
+from eventdispatch.bus import count_entries, reached, within
 from projections.store import uses_secondary_indexes, write_chunks
 
 
@@ -63,3 +63,19 @@ def test_a_write_is_cut_into_chunks_of_each_model_and_kind() -> None:
         docs[2:4],
         docs[4:],
     ]
+
+
+def test_a_read_through_the_last_message_takes_its_whole_batch() -> None:
+    end = (7, 3, 2)  # the last entry is a batch of three messages
+    batch = [(7, 2, -1), (7, 3, 0), (7, 3, 1), (7, 3, 2)]
+    assert [within(p, end) for p in batch] == [True] * 4
+    assert [reached(p, end) for p in batch] == [False, False, False, True]
+    assert not within((7, 4, 0), end) and reached((7, 4, 0), end)
+    assert not within((8, 0, -1), end)
+
+
+def test_an_end_without_a_batch_index_covers_its_whole_entry() -> None:
+    end = (7, 3, -1)
+    assert within((7, 3, 0), end) and within((7, 3, 5), end) and within((7, 3, -1), end)
+    assert reached((7, 3, 0), end)
+    assert not reached((7, 2, 9), end)
