@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -856,10 +857,31 @@ app.command()(audit)
 
 
 def main() -> None:
+    """Run the CLI, then leave without the interpreter's finalization.
+
+    pulsar-client with a Python logger aborts now and then while the interpreter tears down
+    (`terminate called without an active exception`, exit -6, after every client was closed;
+    apache/pulsar-client-python#256): a client thread still waiting to log is destroyed.
+    Everything a command writes is flushed or closed by the time it returns, so the exit
+    code is taken, the streams flushed and the process ends with `os._exit`."""
     try:
         app()
+        code: object = 0
+    except SystemExit as stop:
+        code = stop.code
     except KeyboardInterrupt:
-        sys.exit(130)
+        code = 130
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        # a reader that went away (`| head`) or a closed stream has nothing left to get
+        with suppress(BrokenPipeError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
