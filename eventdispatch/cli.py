@@ -144,9 +144,10 @@ def run(
 ) -> None:
     """Run the service: a supervisor with N worker processes and the projector.
 
-    A worker that dies is started again with backoff. Ctrl-C or SIGTERM drains: each worker
-    stops receiving, finishes its in-flight devices, acknowledges, flushes and exits; then
-    the supervisor exits 0. `eventdispatch health` shows the workers."""
+    A worker that dies is started again with backoff. Ctrl-C or SIGTERM drains:
+    each worker stops receiving, finishes its in-flight devices, acknowledges,
+    flushes and exits; then the supervisor exits 0. `eventdispatch health` shows
+    the workers."""
     from eventdispatch import admin, supervisor
 
     s = settings()
@@ -200,9 +201,10 @@ def project() -> None:
 def state_rebuild() -> None:
     """Rebuild Redis' working state (device states, scripts, tasks) from the events topic.
 
-    Run it after Redis lost its data or was replaced: workers refuse to process until then
-    (`eventdispatch health` says so) and resume by themselves when it ends. Safe while they
-    run: they pause during the rebuild. Every key under the Redis prefix is replaced."""
+    Run it after Redis lost its data or was replaced: workers refuse to process
+    until then (`eventdispatch health` says so) and resume by themselves when it
+    ends. Safe while they run: they pause during the rebuild. Every key under
+    the Redis prefix is replaced."""
     from eventdispatch import state
 
     s = settings()
@@ -697,8 +699,9 @@ def rebuild(
 ) -> None:
     """Rebuild read models from the log into a new generation and switch readers to it.
 
-    The live generation is untouched until the switch; a running projector follows the
-    switch by itself. An interrupted rebuild is discarded by the next one."""
+    The live generation is untouched until the switch; a running projector
+    follows the switch by itself. An interrupted rebuild is discarded by the
+    next one."""
     from projections import rebuild as rb
     from projections.store import ALL_MODELS
 
@@ -814,11 +817,12 @@ def bench(
 ) -> None:
     """Measure the service on the running stack and print a table.
 
-    Each part runs its own simulator (zero latency) and service processes in a scratch
-    namespace, database and Redis prefix, deleted afterwards. Record the machine's load with
-    the numbers (it is in the JSON): these are benchmark figures, not tests. All parts take
-    30 to 45 minutes on a loaded 2-core machine, most of it the 10,000-device e2e runs;
-    `--devices 1000` or `--only floor,latency` take a few minutes. See docs/benchmarks.md."""
+    Each part runs its own simulator (zero latency) and service processes in a
+    scratch namespace, database and Redis prefix, deleted afterwards. Record the
+    machine's load with the numbers (it is in the JSON): these are benchmark
+    figures, not tests. All parts take 30 to 45 minutes on a loaded 2-core
+    machine, most of it the 10,000-device e2e runs; `--devices 1000` or `--only
+    floor,latency` take a few minutes. See docs/benchmarks.md."""
     from eventdispatch import bench as b
 
     try:
