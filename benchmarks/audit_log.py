@@ -2,6 +2,9 @@
 
     python benchmarks/audit_log.py            # generate, measure, delete the scratch namespace
     python benchmarks/audit_log.py --keep     # keep it, to try more queries by hand
+    python benchmarks/audit_log.py --log-only --namespace rebuild-bench --span-h 1
+                                              # only write (and keep) the log, e.g. to
+                                              # time `eventdispatch rebuild` on it
 
 The log is written by the device decider itself (`decider.decide`) fed the inputs a fleet sees
 (deliveries, results, timeouts, retries, cancels), so every event has a real shape, a correct
@@ -309,6 +312,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--namespace", default=f"audit-bench-{uuid.uuid4().hex[:6]}")
     parser.add_argument("--keep", action="store_true", help="do not delete the namespace")
+    parser.add_argument(
+        "--log-only",
+        action="store_true",
+        help="write the log, keep the namespace and stop: no queries (the rebuild benchmark)",
+    )
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--start-ms", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--times-file", default="", help=argparse.SUPPRESS)
@@ -342,6 +350,14 @@ def main() -> None:
         Path(f"{times_file}.tasks").unlink()
         first, last = times[0], times[-1]
         print(f"log: {len(times):,} events, event time {iso(first)} .. {iso(last)}")
+        if args.log_only:
+            db = settings.namespace.replace("-", "_")
+            print(
+                f"kept namespace {settings.namespace}; rebuild its projections with\n"
+                f"  EVENTDISPATCH_NAMESPACE={settings.namespace} EVENTDISPATCH_MONGO_DB={db} "
+                "eventdispatch rebuild"
+            )
+            return
 
         device = device_name(42)
         mid = first + (last - first) // 2
@@ -410,7 +426,7 @@ def main() -> None:
             f"({len(ids(hour))} events of {device})"
         )
     finally:
-        if not args.keep:
+        if not (args.keep or args.log_only):
             admin.delete_namespace(settings)
             print(f"deleted namespace {settings.namespace}", file=sys.stderr)
 
