@@ -22,7 +22,7 @@ from eventdispatch.config import Settings
 from eventdispatch.events import Event
 from eventdispatch.wire import AvroCodec
 from projections.reducers import Doc
-from projections.store import collection_name, connect, current_generations
+from projections.store import collection_name, connect, current_generations, find_by_ids
 
 READ_TIMEOUT_MS = 10_000
 """How long one read may wait before the log is taken as ended: `has_message_available` said
@@ -143,11 +143,13 @@ async def load_projections(
                 out[model] = {}
                 continue
             coll = db[name]
-            docs = {str(d["_id"]): d async for d in coll.find(query)}
+            named = query.get("_id", {}).get("$in") if list(query) == ["_id"] else None
+            if named is not None:  # by `_id` equalities: an `$in` scans on FerretDB/SQLite
+                docs = {str(k): d for k, d in (await find_by_ids(coll, named)).items()}
+            else:
+                docs = {str(d["_id"]): d async for d in coll.find(query)}
             wanted = [i for i in ids.get(model, []) if i not in docs]
-            for start in range(0, len(wanted), 1000):
-                chunk = wanted[start : start + 1000]
-                docs.update({str(d["_id"]): d async for d in coll.find({"_id": {"$in": chunk}})})
+            docs.update({str(k): d for k, d in (await find_by_ids(coll, wanted)).items()})
             out[model] = docs
         return out
     except SourceError:

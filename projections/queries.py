@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from projections.reducers import TERMINAL_STATES, Doc
-from projections.store import ProjectionStore
+from projections.store import ProjectionStore, find_by_ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,12 +104,8 @@ async def device_view(store: ProjectionStore, device_id: str, last: int = 10) ->
     """A device's current and queued work, and its last attempts."""
     device = await store.collection("devices").find_one({"_id": device_id})
     live = {p["task_id"] for p in (device or {}).get("live", [])}
-    executions = [
-        d
-        async for d in store.collection("executions").find(
-            {"_id": {"$in": [f"{t}:{device_id}" for t in live]}}
-        )
-    ]
+    ids = [f"{t}:{device_id}" for t in live]
+    executions = list((await find_by_ids(store.collection("executions"), ids)).values())
     executions.sort(key=lambda d: d["created_at_ms"])
     attempts = [
         d

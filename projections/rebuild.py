@@ -37,6 +37,7 @@ from projections.store import (
     collection_name,
     connect,
     current_generations,
+    find_by_ids,
 )
 
 __all__ = ["Difference", "Fold", "Outcome", "Progress", "adoption_point", "rebuild"]
@@ -45,7 +46,6 @@ EVENT_MODELS = frozenset(m.name for m in MODELS)
 Position = list[int]
 WINDOW_DOCS = 100_000  # documents changed in memory before the coldest are handed to a write
 KEEP_DOCS = 25_000  # written documents per model kept in memory for later events to fold into
-READ_BACK = 100  # concurrent lookups of documents folded into again after they left memory
 
 
 class Fold:
@@ -318,13 +318,8 @@ async def rebuild(
         async def read_back() -> None:
             await settle()  # what left memory may still be on its way to the store
             for model, keys in fold.blocked_keys().items():
-                coll = store.collection(model)
-                docs: list[Doc] = []
-                for start in range(0, len(keys), READ_BACK):  # `_id` equality uses the index
-                    part = keys[start : start + READ_BACK]
-                    found = await asyncio.gather(*(coll.find_one({"_id": k}) for k in part))
-                    docs += [d for d in found if d is not None]
-                fold.load(model, docs)
+                found = await find_by_ids(store.collection(model), keys)
+                fold.load(model, list(found.values()))
 
         async def apply_events(batch: list[pulsar.Message]) -> None:
             fold.add([wire.event_from_record(m.value()) for m in batch])
