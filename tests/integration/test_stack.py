@@ -7,6 +7,7 @@ Each session provisions a fresh namespace and force-deletes it afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pulsar.schema import AvroSchema
 from eventdispatch import admin, stack
 from eventdispatch.bus import position, reached, within
 from eventdispatch.config import Settings
+from projections.store import connect, find_by_ids
 
 pytestmark = pytest.mark.integration
 
@@ -149,3 +151,24 @@ def test_last_position_names_the_last_message_of_a_batch(
     assert end == read[-1]
     assert [within(p, end) for p in read] == [True] * 3
     assert [reached(p, end) for p in read] == [False, False, True]
+
+
+def test_find_by_ids_returns_exactly_the_documents_present(stack_settings: Settings) -> None:
+    """The projector's reads by `_id` (equalities, since `$in` scans on FerretDB/SQLite)."""
+
+    async def go() -> None:
+        client = connect(stack_settings.mongo_url)
+        name = f"t_ids_{uuid.uuid4().hex[:6]}"
+        coll = client[name]["docs"]
+        try:
+            await coll.insert_many([{"_id": f"d{i}", "n": i} for i in range(100)])
+            wanted = ["d3", "absent", "d99", *(f"d{i}" for i in range(40, 80))]
+            found = await find_by_ids(coll, wanted)
+            assert set(found) == {k for k in wanted if k != "absent"}
+            assert all(found[k]["n"] == int(k[1:]) for k in found)
+            assert await find_by_ids(coll, []) == {}
+        finally:
+            await client.drop_database(name)
+            await client.close()
+
+    asyncio.run(go())
