@@ -7,8 +7,7 @@ service as real processes (N `run --no-projector` workers plus one `project`, or
 
 Parts (`--only`):
   floor      raw pulsar-client round trip: producer -> Key_Shared consumer -> echo producer ->
-             consumer, same message size, keys and batching as device-inbox; messages/s and
-             latency
+             consumer, same message size and batching as device-inbox; messages/s and latency
   e2e        executions/s from CreateTask published to the last Succeeded projected, for each
              worker count x fleet size, and the ratio to the floor
   latency    CreateTask published -> Sent event durable (seen by a consumer of `events`), single-
@@ -48,8 +47,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from eventdispatch.bus import ORDERING_BUCKETS
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("floor", "e2e", "latency", "timers", "fanout", "projector", "rebuild")
@@ -518,11 +515,8 @@ def echo_main() -> None:
 
 
 def _echo(url: str, source: str, target: str, expected: int) -> None:
-    """The floor's middle hop, in a process of its own: Key_Shared consumer, echo producer,
-    keyed as the service keys device-inbox (device id, its bucket as ordering key)."""
+    """The floor's middle hop, in a process of its own: Key_Shared consumer, echo producer."""
     import pulsar
-
-    from eventdispatch.bus import ordering_key
 
     client = pulsar.Client(url, logger=_quiet_pulsar_logger())
     consumer = client.subscribe(
@@ -553,8 +547,7 @@ def _echo(url: str, source: str, target: str, expected: int) -> None:
         with contextlib.suppress(Exception):
             batch.extend(consumer.batch_receive())
         for msg in batch:
-            key = msg.partition_key()
-            producer.send_async(msg.data(), None, partition_key=key, ordering_key=ordering_key(key))
+            producer.send_async(msg.data(), None, partition_key=msg.partition_key())
             consumer.acknowledge(msg)
         seen += len(batch)
     producer.flush()
@@ -564,11 +557,8 @@ def _echo(url: str, source: str, target: str, expected: int) -> None:
 def _floor_round(
     client: Any, s: Any, size: int, count: int, per_s: float | None, keys: int
 ) -> dict[str, Any]:
-    """One round: `count` messages through producer -> echo -> consumer; paced if per_s.
-    `keys` device ids, each with its bucket as ordering key, as the service sends them."""
+    """One round: `count` messages through producer -> echo -> consumer; paced if per_s."""
     import pulsar
-
-    from eventdispatch.bus import ordering_key
 
     tag = uuid.uuid4().hex[:6]
     source, target = s.topic(f"floor-in-{tag}"), s.topic(f"floor-out-{tag}")
@@ -631,8 +621,7 @@ def _floor_round(
             if delay > 0:
                 time.sleep(delay)
         payload = struct.pack("<q", time.time_ns()) + pad
-        device = f"dev-{i % keys:06d}"
-        producer.send_async(payload, None, partition_key=device, ordering_key=ordering_key(device))
+        producer.send_async(payload, None, partition_key=f"dev-{i % keys:06d}")
     producer.flush()
     received.wait(120)
     try:
@@ -665,14 +654,7 @@ def part_floor(o: Options) -> dict[str, Any]:
             one_key = _floor_round(client, s, size, o.floor_messages, None, 1)
         finally:
             client.close()
-    return {
-        "message_bytes": size,
-        "keys": 1000,
-        "ordering_buckets": ORDERING_BUCKETS,
-        "burst": burst,
-        "paced": paced,
-        "one_key": one_key,
-    }
+    return {"message_bytes": size, "keys": 1000, "burst": burst, "paced": paced, "one_key": one_key}
 
 
 def part_e2e(o: Options) -> dict[str, Any]:

@@ -2,11 +2,7 @@
 
 Key_Shared topics (device-inbox, device-logs) get key-based batching: default batching puts
 several keys in one batch, and the broker routes a batch by its first key only, which breaks
-per-device order across consumers. Their messages carry the device id as partition key and,
-as ordering key, the device's bucket (`ordering_key`): the broker routes by the ordering key
-and key-based batching groups by it, so a device's messages still go to one consumer in
-order while a batch holds many devices' messages. Timers are never batched: a batch has one
-delivery time.
+per-device order across consumers. Timers are never batched: a batch has one delivery time.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,17 +28,6 @@ log = logging.getLogger("eventdispatch.bus")
 
 KEY_SHARED_TOPICS = frozenset({"device-inbox", "device-logs"})
 PUBLISH_WINDOW = 1000
-# Routing buckets of the Key_Shared topics. Per-device keys made every message its own batch
-# (one broker entry each); buckets let a fan-out batch. Every producer to these topics must
-# use the same mapping (they all go through `publish`), and changing it needs a drained
-# device-inbox: messages of one device under two keys could reach two consumers.
-ORDERING_BUCKETS = 64
-
-
-def ordering_key(device_id: str) -> str:
-    """The Key_Shared routing key of a device's messages: a stable hash bucket (crc32, the
-    same in every process, unlike `hash`). Pure."""
-    return f"b{zlib.crc32(device_id.encode()) % ORDERING_BUCKETS:02d}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,12 +230,9 @@ async def _send_window(producer: pulsar.asyncio.Producer, window: Sequence[Outgo
 
     # The asyncio wrapper has no batch send; its C++ producer and schema do the work.
     raw, schema = producer._producer, producer._schema
-    bucketed = raw.topic().rsplit("/", 1)[-1] in KEY_SHARED_TOPICS
     for item in window:
         builder = _pulsar.MessageBuilder().content(schema.encode(item.record))
         builder.partition_key(item.key)
-        if bucketed:
-            builder.ordering_key(ordering_key(item.key))
         if item.deliver_at_ms is not None:
             builder.deliver_at(item.deliver_at_ms)
         raw.send_async(builder.build(), sent)
