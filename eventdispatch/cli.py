@@ -875,6 +875,11 @@ def main() -> None:
         code = stop.code
     except KeyboardInterrupt:
         code = 130
+    except Exception:  # a bug: the traceback as Python would print it, then the same exit
+        exc_type, exc, tb = sys.exc_info()
+        assert exc_type is not None and exc is not None
+        sys.excepthook(exc_type, exc, tb)
+        code = 1
     if code is None:
         code = 0
     elif not isinstance(code, int):
