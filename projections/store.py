@@ -80,8 +80,11 @@ async def find_by_ids(coll: AsyncCollection[Doc], ids: Sequence[str]) -> dict[st
         async with gate:
             return await coll.find_one({"_id": key})
 
-    found = await asyncio.gather(*(one(k) for k in ids))
-    return {d["_id"]: d for d in found if d is not None}
+    out: dict[str, Doc] = {}
+    for start in range(0, len(ids), 1000):  # a bounded number of waiting coroutines
+        found = await asyncio.gather(*(one(k) for k in ids[start : start + 1000]))
+        out.update((d["_id"], d) for d in found if d is not None)
+    return out
 
 
 def write_chunks(taken: Taken, size: int) -> Iterator[tuple[str, bool, list[Doc]]]:
