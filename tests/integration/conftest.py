@@ -34,6 +34,7 @@ BEHAVIOUR = [
     {"devices": "silent-*", "outcomes": ["SILENT"]},
     {"devices": "hang-*", "hang_rate": 1.0, "hang_s": 30},
     {"devices": "slow-*", "latency_ms": [300, 400]},
+    {"devices": "late-*", "latency_ms": [2500, 2500]},
 ]
 
 

@@ -76,6 +76,8 @@ async def test_a_killed_worker_is_restarted_and_its_devices_finish(
     assert summary.counts == {"succeeded": 300}
     accepted = _accepted(record)
     assert all(accepted[f"kill-{tag}:{d}:1"] == 1 for d in devices)  # I3
+    # the restarted worker may still be connecting when a small task is already done
+    wait_until("the restarted worker-1 is ready", lambda: cli(settings, "health").returncode == 0)
     status = cli(settings, "health")
     assert status.returncode == 0, status.stdout + status.stderr
     assert "worker-1" in status.stdout
