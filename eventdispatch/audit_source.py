@@ -143,12 +143,11 @@ async def load_projections(
                 out[model] = {}
                 continue
             coll = db[name]
-            named = query.get("_id", {}).get("$in") if list(query) == ["_id"] else None
-            if named is not None:  # by `_id` equalities: an `$in` scans on FerretDB/SQLite
-                docs = {str(k): d for k, d in (await find_by_ids(coll, named)).items()}
-            else:
-                docs = {str(d["_id"]): d async for d in coll.find(query)}
-            wanted = [i for i in ids.get(model, []) if i not in docs]
+            # a query naming `_id`s is read by equalities with the rest (an `$in` scans the
+            # collection on FerretDB/SQLite); any other is a filter on other fields
+            named = query["_id"]["$in"] if list(query) == ["_id"] else None
+            docs = {} if named is not None else {str(d["_id"]): d async for d in coll.find(query)}
+            wanted = sorted({*(named or ()), *ids.get(model, [])} - docs.keys())
             docs.update({str(k): d for k, d in (await find_by_ids(coll, wanted)).items()})
             out[model] = docs
         return out

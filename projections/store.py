@@ -74,16 +74,16 @@ async def find_by_ids(coll: AsyncCollection[Doc], ids: Sequence[str]) -> dict[st
     `{"_id": {"$in": [...]}}` and `$or` scan the whole collection (30 s for 20 ids among
     211,533 executions, against ~1 ms an equality), so reads by `$in` grew with the log.
     On MongoDB each equality is an index lookup too."""
-    gate = asyncio.Semaphore(READ_CONCURRENCY)
-
-    async def one(key: str) -> Doc | None:
-        async with gate:
-            return await coll.find_one({"_id": key})
-
+    pending = iter(ids)  # shared by the readers: each id is taken once
     out: dict[str, Doc] = {}
-    for start in range(0, len(ids), 1000):  # a bounded number of waiting coroutines
-        found = await asyncio.gather(*(one(k) for k in ids[start : start + 1000]))
-        out.update((d["_id"], d) for d in found if d is not None)
+
+    async def reader() -> None:
+        for key in pending:
+            doc = await coll.find_one({"_id": key})
+            if doc is not None:
+                out[key] = doc
+
+    await asyncio.gather(*(reader() for _ in range(min(READ_CONCURRENCY, len(ids)))))
     return out
 
 
