@@ -7,12 +7,15 @@ fixtures, where a hung call is worse than a clear error that says which request 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 import httpx
 
 from eventdispatch.config import Settings
+
+log = logging.getLogger("eventdispatch.admin")
 
 CLUSTER = "standalone"
 """The cluster name of the local standalone (conf/standalone.conf); tenants must allow it."""
@@ -33,6 +36,11 @@ TIMEOUT = httpx.Timeout(5.0, connect=2.0)
 # right after a restart, with clients reconnecting, that takes several seconds.
 TOPIC_TIMEOUT = httpx.Timeout(30.0, connect=2.0)
 DELETE_TIMEOUT = httpx.Timeout(60.0, connect=2.0)  # force-deleting a namespace unloads topics
+# Force-deleting a namespace races with the broker's own work on its topics (a topic still
+# closing, the namespace's system topics, a lookup in flight: apache/pulsar#19374, #15451) and
+# then fails with 409, 412, 422 or 500 although a second attempt succeeds. CI saw a 422.
+DELETE_RETRY_STATUSES = frozenset({409, 412, 422, 500, 503})
+DELETE_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)
 
 
 class AdminError(RuntimeError):
@@ -92,14 +100,26 @@ def delete_namespace(settings: Settings) -> None:
     """Force-delete the namespace with all its topics; a missing namespace is not an error.
 
     Tests use a fresh namespace per session and must leave the broker as they found it.
+    Transient refusals are retried for about 15 s before the broker's answer is raised.
     """
     path = f"/admin/v2/namespaces/{settings.tenant}/{settings.namespace}"
     with _client(settings) as client:
-        response = _request(
-            client, "DELETE", path, params={"force": "true"}, timeout=DELETE_TIMEOUT
-        )
-    if response.status_code not in (204, 404):
-        raise _error(response)
+        for delay in (*DELETE_RETRY_DELAYS_S, None):
+            response = _request(
+                client, "DELETE", path, params={"force": "true"}, timeout=DELETE_TIMEOUT
+            )
+            if response.status_code in (204, 404):
+                return
+            if delay is None or response.status_code not in DELETE_RETRY_STATUSES:
+                raise _error(response)
+            log.warning(
+                "deleting namespace %s: HTTP %d %s; retrying in %.0f s",
+                settings.namespace,
+                response.status_code,
+                response.text[:200],
+                delay,
+            )
+            time.sleep(delay)
 
 
 # --- helpers -------------------------------------------------------------------------------
