@@ -159,7 +159,7 @@ async def _read_events(settings: Settings, fold: Fold, progress: Progress) -> in
         progress.total(total)
     bus = Bus(settings)
     subscription = f"state-rebuild-{uuid.uuid4().hex[:8]}"
-    receiver = await bus.receiver("events", subscription, ConsumerType.Exclusive, 5000)
+    receiver = await bus.receiver("events", subscription, ConsumerType.Exclusive, 5000, gather_ms=1)
     never = asyncio.Event()
     read = 0
     entry: tuple[int, int] | None = None

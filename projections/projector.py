@@ -67,8 +67,12 @@ class Projector:
 
     async def run(self, stop: asyncio.Event) -> None:
         size = self.batch_size
-        events = await self.bus.receiver("events", "projector", ConsumerType.Failover, size)
-        logs = await self.bus.receiver("device-logs", "projector-logs", ConsumerType.Failover, size)
+        events = await self.bus.receiver(
+            "events", "projector", ConsumerType.Failover, size, gather_ms=1
+        )
+        logs = await self.bus.receiver(
+            "device-logs", "projector-logs", ConsumerType.Failover, size, gather_ms=1
+        )
         await asyncio.gather(
             _batches(events, stop, self._apply_events, size, self.linger_s),
             _batches(logs, stop, self._apply_logs, size, self.linger_s),

@@ -218,7 +218,7 @@ async def _read_into(
     """Feed a topic from its first message through the message `end` to `apply`, reporting
     each batch's new entries and messages to `progress`. Returns (messages read, position
     read through)."""
-    receiver = await bus.receiver(topic, subscription, ConsumerType.Exclusive, 5000)
+    receiver = await bus.receiver(topic, subscription, ConsumerType.Exclusive, 5000, gather_ms=1)
     never = asyncio.Event()
     read = 0
     last: Position | None = None
