@@ -129,8 +129,9 @@ class Bus:
         *,
         receiver_queue_size: int = 1000,
         earliest: bool = True,
-        gather_ms: int = 1,
+        gather_ms: int = 0,
     ) -> pulsar.asyncio.Consumer:
+        # The policy only matters to a Receiver with gather_ms > 0; the client wants a timer >= 1.
         return await self.client.subscribe(
             self.topic(name),
             subscription,
